@@ -1,0 +1,371 @@
+"""The DeepSeek-V3/R1 network in MindSpore, read top to bottom in the order data flows.
+
+RMSNorm -> rotary helpers (YaRN) -> Linear -> MLA attention -> MLP -> Router -> MoE -> DecoderLayer -> Model
+-> DeepseekV3ForCausalLM.
+
+Compute is float32 on CPU (bf16 is storage only there, notes/mindspore-cpu.md §3), in PyNative so that forward
+hooks can observe every linear during calibration. Parameter names are exactly the HF checkpoint names
+(``model.layers.3.mlp.experts.17.up_proj.weight``), so a quantized cell swapped in for a ``Linear`` keeps them.
+The maths follows transformers' ``modeling_deepseek_v3`` (the parity oracle in tests/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from .config import MLA_NORM_EPS, ModelConfig
+
+# A finite "minus infinity" for masked scores: a fully-masked row (left padding) then gives a uniform softmax
+# instead of NaN, and exp(-1e9 - max) is exactly 0 for every row that has a real key.
+MASKED_SCORE = -1e9
+
+
+def _param(shape: tuple[int, ...], name: str, fill: float = 0.0) -> Parameter:
+    return Parameter(Tensor(np.full(shape, fill, dtype=np.float32)), name=name)
+
+
+# ------------------------------------------------------------------------------------------------ norms
+class RMSNorm(nn.Cell):
+    """x / rms(x) * weight, computed in fp32 (there is no RmsNorm kernel on CPU)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((dim,), "weight", 1.0)
+        self.has_bias = False
+
+    def set_bias(self, bias: np.ndarray, name: str) -> None:
+        """Add a bias after the scale: how an OS+ channel shift is folded into the norm that feeds the linears
+        (the vllm-mindspore loader reads e.g. ``input_layernorm.bias`` as that shift)."""
+        self.bias = Parameter(Tensor(np.asarray(bias, dtype=np.float32)), name=name, requires_grad=False)
+        self.has_bias = True
+
+    def construct(self, x: Tensor) -> Tensor:
+        variance = ops.mean(x * x, -1, keep_dims=True)
+        y = x * ops.rsqrt(variance + self.eps) * self.weight
+        return y + self.bias if self.has_bias else y
+
+
+# ------------------------------------------------------------------------------------------------ rotary
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies for the rope half of each head, and the cos/sin attention factor.
+
+    Without rope_scaling: 1/theta^(2i/d). With YaRN (R1: factor 40 over 4096 original positions): frequencies
+    below the beta_slow..beta_fast correction range are interpolated by 1/factor, those above are kept, with a
+    linear ramp between (transformers' _compute_yarn_parameters, truncate=True).
+    """
+    dim = cfg.qk_rope_head_dim
+    base = float(cfg.rope_theta)
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    yarn = cfg.yarn
+    if not yarn:
+        return (1.0 / pos_freqs).astype(np.float32), 1.0
+    factor = float(yarn["factor"])
+    original = float(yarn.get("original_max_position_embeddings", cfg.max_position_embeddings))
+    beta_fast = float(yarn.get("beta_fast") or 32)
+    beta_slow = float(yarn.get("beta_slow") or 1)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if yarn.get("attention_factor") is not None:
+        attention_factor = float(yarn["attention_factor"])
+    elif yarn.get("mscale") and yarn.get("mscale_all_dim"):
+        attention_factor = mscale(factor, float(yarn["mscale"])) / mscale(factor, float(yarn["mscale_all_dim"]))
+    else:
+        attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    keep = 1.0 - ramp  # 1 = extrapolate (keep the original frequency), 0 = interpolate
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1.0 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq.astype(np.float32), attention_factor
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool) -> Tensor:
+    """Rotate the last dim of x [B, heads, S, r] by per-position angles; cos/sin are [B, 1, S, r/2].
+
+    DeepSeek stores rope dims as interleaved pairs (x0, x1), (x2, x3) ... Like transformers we rotate the even/odd
+    slices and concatenate the halves: queries and keys get the same permutation, so q.k is unchanged.
+    """
+    half = x.shape[-1] // 2
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x[..., :half], x[..., half:]
+    return ops.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+
+# ------------------------------------------------------------------------------------------------ linear
+class Linear(nn.Cell):
+    """y = x @ weight.T with weight [out, in] as in the HF checkpoint; no bias (DeepSeek-V3 has none)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = _param((out_features, in_features), "weight")
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, self.in_features), self.weight)
+        return y.reshape(*lead, self.out_features)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+class Attention(nn.Cell):
+    """Multi-head latent attention (MLA).
+
+    q: x -> q_a_proj -> q_a_layernorm -> q_b_proj (or a plain q_proj without q LoRA) -> [B,S,H,nope+rope]
+    kv: x -> kv_a_proj_with_mqa -> [latent (kv_lora_rank) | k_rope (one shared head)]
+        latent -> kv_a_layernorm -> kv_b_proj -> [B,S,H,nope+v] -> k_nope, v
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.q_lora = cfg.q_lora_rank is not None
+        q_out = self.n_heads * cfg.qk_head_dim
+        if self.q_lora:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, MLA_NORM_EPS)
+            self.q_b_proj = Linear(cfg.q_lora_rank, q_out)
+        else:
+            self.q_proj = Linear(cfg.hidden_size, q_out)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, MLA_NORM_EPS)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim))
+        self.o_proj = Linear(self.n_heads * self.v_dim, cfg.hidden_size)
+        self.softmax_scale = cfg.softmax_scale
+
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        """x [B,S,hidden]; cos/sin [B,1,S,rope/2]; mask [B,1,S,S] bool, True where attention is forbidden."""
+        b, s, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q = q.reshape(b, s, self.n_heads, self.nope + self.rope).transpose(0, 2, 1, 3)
+        q_nope, q_rope = q[..., : self.nope], q[..., self.nope:]
+
+        compressed = self.kv_a_proj_with_mqa(x)
+        latent, k_rope = compressed[..., : self.kv_lora_rank], compressed[..., self.kv_lora_rank:]
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
+        kv = kv.reshape(b, s, self.n_heads, self.nope + self.v_dim).transpose(0, 2, 1, 3)
+        k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
+
+        interleave = self.cfg.rope_interleave
+        q_rope = apply_rope(q_rope, cos, sin, interleave)
+        k_rope = apply_rope(k_rope.reshape(b, 1, s, self.rope), cos, sin, interleave)
+        k_rope = ops.broadcast_to(k_rope, (b, self.n_heads, s, self.rope))
+
+        query = ops.cat((q_nope, q_rope), -1)
+        key = ops.cat((k_nope, k_rope), -1)
+        scores = ops.matmul(query, key.transpose(0, 1, 3, 2)) * self.softmax_scale
+        scores = ops.masked_fill(scores, mask, MASKED_SCORE)
+        probs = ops.softmax(scores, -1)
+        out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, s, self.n_heads * self.v_dim)
+        return self.o_proj(out)
+
+
+# ------------------------------------------------------------------------------------------------ feed-forward
+class MLP(nn.Cell):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)). Used for dense layers, experts and shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = Linear(hidden, intermediate)
+        self.up_proj = Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Cell):
+    """Sigmoid scores in fp32; e_score_correction_bias only chooses experts, group-limited top-k.
+
+    Per token: the n_group groups are ranked by the sum of their two best biased scores, the best topk_group groups
+    are kept, the top num_experts_per_tok biased scores among them pick the experts, and their *unbiased* scores,
+    renormalised (norm_topk_prob) and times routed_scaling_factor, weight the expert outputs.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = _param((cfg.n_routed_experts, cfg.hidden_size), "weight")
+        self.e_score_correction_bias = _param((cfg.n_routed_experts,), "e_score_correction_bias")
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [T, hidden] -> (weights [T, k], expert ids [T, k])."""
+        cfg = self.cfg
+        t = x.shape[0]
+        scores = ops.sigmoid(self.matmul(x, self.weight))
+        biased = scores + self.e_score_correction_bias
+        per_group = cfg.n_routed_experts // cfg.n_group
+        group_scores = ops.topk(biased.reshape(t, cfg.n_group, per_group), 2)[0].sum(-1)
+        kept_groups = ops.topk(group_scores, cfg.topk_group)[1]
+        group_mask = ops.one_hot(kept_groups, cfg.n_group, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)).sum(1)
+        expert_mask = ops.broadcast_to(group_mask.reshape(t, cfg.n_group, 1), (t, cfg.n_group, per_group))
+        biased = ops.masked_fill(biased, expert_mask.reshape(t, -1) == 0, float("-inf"))
+        ids = ops.topk(biased, cfg.num_experts_per_tok)[1]
+        weights = ops.gather_elements(scores, 1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, ids
+
+
+class MoE(nn.Cell):
+    """Routed experts (each an MLP with its own HF-named linears) plus shared experts.
+
+    Dispatch reads the routing on the host and runs each expert only on its tokens: on CPU there is no grouped
+    matmul, and per-expert calls let calibration hooks see exactly the tokens each expert serves.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = nn.CellList([MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                    for _ in range(cfg.n_routed_experts)])
+        self.has_shared = cfg.n_shared_experts > 0
+        if self.has_shared:
+            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        # Set by calibration: also run every expert on every token (for statistics) without changing the output.
+        self.observe_all_experts = False
+
+    def construct(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, ids = self.gate(flat)
+        ids_np = ids.asnumpy()
+        out = ops.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slots = np.nonzero(ids_np == e)
+            if self.observe_all_experts:
+                expert(flat)  # statistics only; the routed computation below gives the output
+            if rows.size == 0:
+                continue
+            rows_t = Tensor(rows.astype(np.int32))
+            y = expert(ops.gather(flat, rows_t, 0))
+            w = weights[Tensor(rows.astype(np.int32)), Tensor(slots.astype(np.int32))]
+            out = ops.index_add(out, rows_t, y * w.reshape(-1, 1), 0)
+        if self.has_shared:
+            out = out + self.shared_experts(flat)
+        return out.reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+class DecoderLayer(nn.Cell):
+    """Pre-norm residual block: h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def construct(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Embedding(nn.Cell):
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.weight = _param((vocab, hidden), "weight")
+
+    def construct(self, ids: Tensor) -> Tensor:
+        return ops.gather(self.weight, ids, 0)
+
+
+class RotaryTables:
+    """cos/sin for given positions; the inverse frequencies are computed once per model."""
+
+    def __init__(self, cfg: ModelConfig):
+        inv_freq, self.attention_factor = rope_inv_freq(cfg)
+        self.inv_freq = Tensor(inv_freq)
+
+    def __call__(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions int [B, S] -> cos, sin [B, 1, S, rope/2]."""
+        freqs = positions.astype(ms.float32).expand_dims(-1) * self.inv_freq
+        freqs = freqs.expand_dims(1)
+        return ops.cos(freqs) * self.attention_factor, ops.sin(freqs) * self.attention_factor
+
+
+def positions_and_mask(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Positions [B,S] and the boolean 'forbidden' mask [B,1,S,S] (causal, plus padded keys).
+
+    With a padding mask (1 = real token), positions count real tokens only, so a left-padded sequence gets the
+    same positions as when it runs alone.
+    """
+    b, s = input_ids.shape
+    causal = np.triu(np.ones((s, s), dtype=bool), k=1)
+    if attention_mask is None:
+        positions = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+        forbidden = np.broadcast_to(causal, (b, 1, s, s))
+    else:
+        real = attention_mask.asnumpy().astype(bool)
+        positions = np.maximum(np.cumsum(real, axis=1) - 1, 0).astype(np.int32)
+        forbidden = causal[None, None] | ~real[:, None, None, :]
+    return Tensor(np.ascontiguousarray(positions)), Tensor(np.ascontiguousarray(forbidden))
+
+
+class Model(nn.Cell):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.CellList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3ForCausalLM(nn.Cell):
+    """token ids [B, S] (int) -> float32 logits [B, S, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Model(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.rotary = RotaryTables(cfg)
+        self.update_parameters_name("")  # HF names: model.layers.0.self_attn.q_a_proj.weight ...
+
+    def construct(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        positions, mask = positions_and_mask(input_ids, attention_mask)
+        cos, sin = self.rotary(positions)
+        h = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, mask)
+        return self.lm_head(self.model.norm(h))
+
+    # ---- weights -------------------------------------------------------------------------------
+    def named_weights(self) -> dict[str, Parameter]:
+        return {p.name: p for p in self.get_parameters()}
+
+    def load_weights(self, tensors: dict[str, np.ndarray], strict: bool = True) -> None:
+        """Copy float arrays into the parameters of the same HF name."""
+        params = self.named_weights()
+        for name, array in tensors.items():
+            if name not in params:
+                if strict:
+                    raise KeyError(f"checkpoint tensor {name!r} has no parameter in the network")
+                continue
+            param = params[name]
+            if tuple(array.shape) != tuple(param.shape):
+                raise ValueError(f"tensor {name!r}: shape {tuple(array.shape)} does not match the network's "
+                                 f"{tuple(param.shape)}")
+            param.set_data(Tensor(np.ascontiguousarray(array, dtype=np.float32)))
