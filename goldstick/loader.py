@@ -1,26 +1,83 @@
-"""``load_model(path)``: a checkpoint directory -> the MindSpore network with its weights."""
+"""``load_model(path)``: a checkpoint directory -> the MindSpore network with its weights.
+
+A float checkpoint (F32/BF16/F16/FP8-block) builds the plain network. A quantized checkpoint (one that holds a
+``quantization_description.json``) builds the same network with the quantized linear cells of ``qlinear.py``
+swapped in, loaded from the stored int8 weights and scales; its logits equal those the engine measured.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from collections import defaultdict
 from pathlib import Path
 
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointError, CheckpointReader
 from .runtime import setup_mindspore
+
+DESCRIPTION_FILE = "quantization_description.json"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def load_model(path: str | Path, progress: bool = False):
-    """Build ``DeepseekV3ForCausalLM`` from a HF-layout checkpoint (F32/BF16/F16/FP8-block weights).
+    """Build ``DeepseekV3ForCausalLM`` from a checkpoint folder, float or quantized.
 
-    Weights are read layer by layer through the memory-mapped reader and upcast to float32. The MTP layer
-    (index num_hidden_layers) is not part of the main network and is not loaded here.
+    Weights are read layer by layer through the memory-mapped reader. The MTP layer (index num_hidden_layers)
+    is not part of the main network and is not loaded here.
     """
     setup_mindspore()
     from .model import DeepseekV3ForCausalLM
 
     reader = CheckpointReader(path)
     net = DeepseekV3ForCausalLM(reader.config)
-    net.load_weights(reader.read_globals())
-    for _, tensors in reader.iter_layers(progress=progress):
-        net.load_weights(tensors)
+    description = Path(path) / DESCRIPTION_FILE
+    if description.exists():
+        _load_quantized(net, reader, description)
+    else:
+        net.load_weights(reader.read_globals())
+        for _, tensors in reader.iter_layers(progress=progress):
+            net.load_weights(tensors)
     net.set_train(False)
     return net
+
+
+def _load_quantized(net, reader: CheckpointReader, description: Path) -> None:
+    from .qlinear import cell_from_tensors, replace_cell
+
+    try:
+        labels = json.loads(description.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{description}: not valid JSON ({exc})") from None
+    cfg = reader.config
+    quantized: dict[str, dict] = defaultdict(dict)
+    floats, norm_biases = {}, {}
+    for name in reader.names():
+        match = _LAYER.match(name)
+        if match and int(match.group(1)) >= cfg.num_hidden_layers:
+            continue  # MTP: passed through, not part of the main network
+        label = labels.get(name)
+        if label is None:
+            raise CheckpointError(f"{description.name}: tensor '{name}' (in {reader.file_of(name)}) has no label")
+        if label == "FLOAT":
+            if name.endswith("layernorm.bias"):
+                norm_biases[name] = reader.read(name)
+            else:
+                floats[name] = reader.read(name)
+        else:
+            owner, _, local = name.rpartition(".")
+            quantized[owner][local] = reader.read_raw(name)
+            quantized[owner]["__label__"] = label
+    net.load_weights(floats)
+    for owner, tensors in quantized.items():
+        label = tensors.pop("__label__")
+        try:
+            cell = cell_from_tensors(label, tensors, owner)
+        except ValueError as exc:
+            raise CheckpointError(f"{reader.path.name}: {exc}") from None
+        replace_cell(net, owner, cell)
+    for name, bias in norm_biases.items():
+        norm_path = name.rsplit(".", 1)[0]
+        norm = net
+        for part in norm_path.split("."):
+            norm = norm[int(part)] if part.isdigit() else getattr(norm, part)
+        norm.set_bias(bias, name)

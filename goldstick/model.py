@@ -250,7 +250,7 @@ class MoE(nn.Cell):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids = self.gate(flat)
-        ids_np = ids.asnumpy()
+        ids_np, weights_np = ids.asnumpy(), weights.asnumpy()
         out = ops.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             rows, slots = np.nonzero(ids_np == e)
@@ -260,8 +260,7 @@ class MoE(nn.Cell):
                 continue
             rows_t = Tensor(rows.astype(np.int32))
             y = expert(ops.gather(flat, rows_t, 0))
-            w = weights[Tensor(rows.astype(np.int32)), Tensor(slots.astype(np.int32))]
-            out = ops.index_add(out, rows_t, y * w.reshape(-1, 1), 0)
+            out = ops.index_add(out, rows_t, y * Tensor(weights_np[rows, slots].reshape(-1, 1)), 0)
         if self.has_shared:
             out = out + self.shared_experts(flat)
         return out.reshape(shape)

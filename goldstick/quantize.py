@@ -1,0 +1,723 @@
+"""The quantization engine: recipe + checkpoint + calibration data -> quantized checkpoint + report.
+
+    plan = recipe.plan(config)                                  every linear -> scheme (first matching rule)
+    h    = embed(calibration batches)                           inputs of layer 0
+    for each decoder layer (read from the checkpoint, one at a time):
+        float pass   : run the float layer, hooks keep running per-channel min/max of every linear's input
+        transform    : SmoothQuant / OS+ per group of linears that share an input (folded into the feeding norm
+                       where every consumer of that norm takes part, else explicit per linear)
+        quantize     : swap each linear for its integer cell (qlinear.py); OS+ searches its scale against the
+                       error of the *layer's* output
+        quant pass   : run the quantized layer -> next layer's inputs (quantized by default, float as an option),
+                       layer and per-linear SQNR
+        write        : the layer's tensors to a work file; the layer is freed
+    assemble the checkpoint (shards, index, config, description, recipe, report, manifest last)
+
+Peak memory is one decoder layer plus the calibration activations; it does not grow with the number of layers.
+Everything the engine computes with is what will be stored (bf16 scales and float weights are rounded before use),
+so the exported checkpoint, loaded by ``load_model``, reproduces the engine's quantized logits exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from . import algorithms as alg
+from .calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration
+from .checkpoint import CheckpointReader
+from .files import sha256_file
+from .recipe import Plan, Recipe, Scheme, load_recipe, smoothing_groups
+from .runtime import setup_mindspore
+from .writer import ShardedWriter, write_json_atomic, write_safetensors
+
+WORK_DIR = ".goldstick-work"
+DEFAULT_MAX_SHARD_BYTES = 4 << 30  # Golden-Stick's own 4 GB shard limit
+BF16 = ml_dtypes.bfloat16
+FORMAT_VERSION = 1
+
+# Storage dtype of each quantized-linear tensor in the Golden-Stick / vllm-mindspore layout
+# (notes/golden-stick.md §2.1, §3.2): scales in the bf16 compute dtype, deq_scale fp32, integer biases int32.
+QUANT_TENSOR_DTYPES = {
+    "weight": np.int8, "deq_scale": np.float32, "quant_bias": np.int32, "input_scale": BF16,
+    "input_offset": np.int8, "beta": BF16, "weight_scale": BF16, "weight_offset": np.int32,
+}
+
+
+class QuantizeError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+def bf16_round(x) -> np.ndarray:
+    """Nearest bf16 value, as float32 (what a bf16 tensor holds once loaded)."""
+    return np.asarray(x, dtype=np.float32).astype(BF16).astype(np.float32)
+
+
+def bf16_ceil(x) -> np.ndarray:
+    """Smallest bf16 value >= x for positive finite x, as float32: a rounded scale must still cover the range."""
+    bits = np.asarray(x, dtype=np.float32).copy().view(np.uint32)
+    bits = (bits + np.uint32(0xFFFF)) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32)
+
+
+def quantize_weight(w: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel int8 weight whose scale is bf16-representable (it is stored in bf16)."""
+    base = alg.quantize_weight_per_channel(w, mode=mode)
+    scale = bf16_ceil(base.scale)
+    low = -128 if mode == "gs" else -127
+    q = np.clip(np.rint(w.astype(np.float64) / scale[:, None].astype(np.float64)), low, 127).astype(np.int8)
+    return q, scale
+
+
+@dataclass
+class RunningStats:
+    """Per-channel running min/max of one linear's input, and how many tokens were seen."""
+
+    minimum: np.ndarray | None = None
+    maximum: np.ndarray | None = None
+    tokens: int = 0
+
+    def update(self, x: np.ndarray) -> None:
+        lo, hi = x.min(axis=0), x.max(axis=0)
+        if self.minimum is None:
+            self.minimum, self.maximum = lo.astype(np.float32), hi.astype(np.float32)
+        else:
+            np.minimum(self.minimum, lo, out=self.minimum)
+            np.maximum(self.maximum, hi, out=self.maximum)
+        self.tokens += x.shape[0]
+
+    @property
+    def absmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.minimum), np.abs(self.maximum))
+
+
+@dataclass
+class Transform:
+    """The activation transform of one static linear: x_tilde = (x - shift) / scale (per input channel)."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+    folded_into: str | None  # the norm that applies it, or None (explicit in input_scale / beta)
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    plan: Plan
+    report: dict
+    final_logits: np.ndarray | None = None  # quantized logits of the first calibration batch, from the engine
+
+
+# ------------------------------------------------------------------------------------------------ the layer
+class LayerQuantizer:
+    """Quantizes one decoder layer in place according to its plan entries."""
+
+    def __init__(self, cfg, layer_index: int, tensors: dict[str, np.ndarray], plan: Plan, recipe: Recipe,
+                 batches: list, hidden: list[np.ndarray]):
+        from .model import DecoderLayer, Linear, RMSNorm
+
+        self.cfg, self.index, self.plan, self.recipe = cfg, layer_index, plan, recipe
+        self.prefix = f"model.layers.{layer_index}."
+        self.batches, self.hidden = batches, hidden
+        self.layer = DecoderLayer(cfg, layer_index)
+        self.layer.update_parameters_name(self.prefix)
+        params = {p.name: p for p in self.layer.get_parameters()}
+        for name, array in tensors.items():
+            if name not in params:
+                raise QuantizeError(f"layer {layer_index}: checkpoint tensor {name!r} has no place in the network")
+            params[name].set_data(_tensor(array))
+        self.float_tensors = tensors
+        self.linears = {self.prefix + n: c for n, c in self.layer.cells_and_names() if isinstance(c, Linear)}
+        self.norms = {self.prefix + n: c for n, c in self.layer.cells_and_names() if isinstance(c, RMSNorm)}
+        self.entries = {e.name: e for e in plan.for_layer(layer_index)}
+        self.stats: dict[str, RunningStats] = {}
+        self.expert_tokens: np.ndarray | None = None
+        self.moe_sample: list[np.ndarray] = []
+        self.transforms: dict[str, Transform] = {}
+        self.act_params: dict[str, alg.ActQuantParams] = {}
+        self.linear_noise: dict[str, list[float]] = {}
+        self.reference: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.report: dict = {}
+
+    # ---- float pass ---------------------------------------------------------------------------
+    def run(self, inputs: list[np.ndarray], batches: list | None = None) -> list[np.ndarray]:
+        outs = []
+        for (ids, cos, sin, mask), h in zip(batches or self.batches, inputs):
+            outs.append(self.layer(_tensor(h), cos, sin, mask).asnumpy())
+        return outs
+
+    def observe(self, all_experts: bool) -> list[np.ndarray]:
+        """Float pass with statistics hooks; returns the float outputs of every calibration batch."""
+        handles = []
+        for name, cell in self.linears.items():
+            stats = self.stats.setdefault(name, RunningStats())
+
+            def hook(cell, inputs, stats=stats):
+                stats.update(inputs[0].asnumpy().reshape(-1, cell.in_features))
+            handles.append(cell.register_forward_pre_hook(hook))
+        moe = getattr(self.layer.mlp, "gate", None)
+        if moe is not None:
+            self.expert_tokens = np.zeros(self.cfg.n_routed_experts, dtype=np.int64)
+            budget = [self.recipe.options.token_sample]
+
+            def router_hook(cell, inputs, output):
+                ids = output[1].asnumpy()
+                self.expert_tokens += np.bincount(ids.reshape(-1), minlength=self.cfg.n_routed_experts)
+                if budget[0] > 0:  # a bounded sample of MoE inputs, for experts that see no token
+                    x = inputs[0].asnumpy()[: budget[0]]
+                    self.moe_sample.append(x)
+                    budget[0] -= x.shape[0]
+            handles.append(moe.register_forward_hook(router_hook))
+            self.layer.mlp.observe_all_experts = all_experts
+        try:
+            outputs = self.run(self.hidden)
+        finally:
+            for handle in handles:
+                handle.remove()
+            if moe is not None:
+                self.layer.mlp.observe_all_experts = False
+        self._fill_unseen_experts()
+        return outputs
+
+    def _fill_unseen_experts(self) -> None:
+        """An expert no calibration token reached gets statistics from the layer's bounded MoE input sample."""
+        if self.expert_tokens is None:
+            return
+        self.unseen = [e for e in range(self.cfg.n_routed_experts)
+                       if self.stats.get(f"{self.prefix}mlp.experts.{e}.gate_proj", RunningStats()).tokens == 0]
+        if not self.unseen or not self.moe_sample:
+            return
+        sample = _tensor(np.concatenate(self.moe_sample))
+        for e in self.unseen:
+            expert = self.layer.mlp.experts[e]
+            handles = []
+            for local in ("gate_proj", "up_proj", "down_proj"):
+                stats = self.stats[f"{self.prefix}mlp.experts.{e}.{local}"]
+
+                def hook(cell, inputs, stats=stats):
+                    stats.update(inputs[0].asnumpy().reshape(-1, cell.in_features))
+                handles.append(getattr(expert, local).register_forward_pre_hook(hook))
+            expert(sample)
+            for handle in handles:
+                handle.remove()
+
+    # ---- transforms and quantization ---------------------------------------------------------
+    def quantize(self, float_outputs: list[np.ndarray]) -> None:
+        options = self.recipe.options
+        static_groups, explicit = self._static_groups()
+        for name, entry in self.entries.items():
+            scheme = entry.scheme
+            if name not in self.linears:
+                continue  # the router: a float Router cell, not a Linear
+            if scheme.name == "float":
+                self._set_float(name)
+            elif scheme.name in ("w8a16", "w8a8-dynamic"):
+                self._set_weight_quant(name, scheme.name)
+        # static linears: one shared transform per folded group, else their own
+        search_jobs = []
+        for norm, members, method in static_groups:
+            transform = self._initial_transform(members, method, norm)
+            for m in members:
+                self._set_static(m, transform)
+            if method == "osplus":
+                search_jobs.append((members, norm))
+        for name in explicit:
+            method = self.entries[name].scheme.outlier_suppression
+            self._set_static(name, self._initial_transform([name], method, None))
+            if method == "osplus":
+                search_jobs.append(([name], None))
+        if search_jobs:
+            sample = self._search_batches(float_outputs)
+            for members, norm in search_jobs:
+                self._search_osplus(members, norm, sample, options.osplus_grid)
+        for name, norm in self.norms.items():
+            if name not in {t.folded_into for t in self.transforms.values()}:
+                norm.weight.set_data(_tensor(bf16_round(self.float_tensors[f"{name}.weight"])))
+        router = getattr(self.layer.mlp, "gate", None)
+        if router is not None:
+            router.weight.set_data(_tensor(bf16_round(self.float_tensors[f"{self.prefix}mlp.gate.weight"])))
+
+    def _static_groups(self) -> tuple[list[tuple[str, list[str], str]], list[str]]:
+        """Static linears that share a norm and a suppression method fold one transform into that norm."""
+        static = {n for n, e in self.entries.items() if e.scheme.static}
+        folded, taken = [], set()
+        for group in smoothing_groups(self.cfg, self.index):
+            members = list(group.linears)
+            methods = {self.entries[m].scheme.outlier_suppression for m in members if m in self.entries}
+            if all(m in static for m in members) and len(methods) == 1 and methods != {"none"}:
+                folded.append((group.key, members, methods.pop()))
+                taken.update(members)
+        explicit = [n for n in self.entries if n in static and n not in taken]
+        return folded, explicit
+
+    def _union_stats(self, members: list[str]) -> RunningStats:
+        union = RunningStats()
+        for m in members:
+            s = self.stats[m]
+            if s.minimum is None:
+                raise QuantizeError(f"{m}: no calibration statistics (it never ran on calibration data)")
+            union.update(np.stack([s.minimum, s.maximum]))
+        return union
+
+    def _initial_transform(self, members: list[str], method: str, norm: str | None) -> Transform:
+        stats = self._union_stats(members)
+        n = stats.minimum.shape[0]
+        ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
+        if method == "none":
+            return Transform(ones, zeros, None)
+        if method == "smoothquant":
+            alpha = self.entries[members[0]].scheme.alpha
+            alpha = self.recipe.options.smoothquant_alpha if alpha is None else alpha
+            weights = [self.float_tensors[f"{m}.weight"] for m in members]
+            scale = alg.smoothquant_scales(stats.absmax, weights, alpha=alpha)
+            return Transform(scale, zeros, norm, {"alpha": float(alpha)})
+        shift = alg.osplus_shift(stats.minimum, stats.maximum)
+        return Transform(ones, shift, norm, {"threshold": None})
+
+    def _set_cell(self, name: str, cell) -> None:
+        from .qlinear import replace_cell
+
+        replace_cell(self.layer, name[len(self.prefix):], cell, full_name=name)
+        self.linears[name] = cell
+
+    def _set_float(self, name: str) -> None:
+        from .model import Linear
+
+        w = bf16_round(self.float_tensors[f"{name}.weight"])
+        cell = Linear(w.shape[1], w.shape[0])
+        cell.weight.set_data(_tensor(w))
+        self._set_cell(name, cell)
+        self.reference[name] = (self.float_tensors[f"{name}.weight"], None)
+
+    def _set_weight_quant(self, name: str, scheme: str) -> None:
+        from .qlinear import DynamicW8A8Linear, W8A16Linear
+
+        w = self.float_tensors[f"{name}.weight"]
+        q, scale = quantize_weight(w, self.recipe.options.weight_rounding)
+        cls = W8A16Linear if scheme == "w8a16" else DynamicW8A8Linear
+        self._set_cell(name, cls(q, scale))
+        self.reference[name] = (w, None)
+
+    def _set_static(self, name: str, t: Transform) -> None:
+        """Quantize one static linear under transform t; for a folded t also (re)write the norm's weight/bias."""
+        from .qlinear import StaticW8A8Linear
+
+        w = self.float_tensors[f"{name}.weight"]
+        stats = self.stats[name]
+        scale, shift = t.scale, t.shift
+        if t.folded_into:
+            # the norm applies the transform; its stored (bf16) weight/bias define the effective scale and shift
+            gamma = self.float_tensors[f"{t.folded_into}.weight"]
+            new_gamma = bf16_round(gamma / scale)
+            scale = np.where(new_gamma != 0, gamma / np.where(new_gamma != 0, new_gamma, 1), scale).astype(np.float32)
+            new_beta = bf16_round(-shift / scale)
+            shift = (-new_beta * scale).astype(np.float32)
+            norm = self.norms[t.folded_into]
+            norm.weight.set_data(_tensor(new_gamma))
+            if np.any(new_beta != 0) or norm.has_bias:
+                self._set_norm_bias(t.folded_into, new_beta)
+        lo = (stats.minimum - shift) / scale
+        hi = (stats.maximum - shift) / scale
+        params = alg.activation_params_asymmetric(float(lo.min()), float(hi.max()))
+        act_scale = float(bf16_ceil(params.scale))  # stored in bf16: round up so the range stays covered
+        zero_point = int(np.clip(np.rint(-128 - min(float(lo.min()), 0.0) / act_scale), -128, 127))
+        if t.folded_into:
+            input_scale = np.full(w.shape[1], act_scale, np.float32)
+            beta = None
+        else:
+            input_scale = bf16_ceil(act_scale * scale)
+            scale = (input_scale / np.float32(act_scale)).astype(np.float32)  # what the stored scale really does
+            beta = bf16_round(-shift) if np.any(shift != 0) else None
+            shift = -beta if beta is not None else shift
+        q, w_scale = quantize_weight(w * scale[None, :], self.recipe.options.weight_rounding)
+        deq = alg.deq_scale(act_scale, w_scale)
+        shift_term = alg.osplus_bias_compensation(w, shift, deq).int_term if np.any(shift != 0) else None
+        bias = alg.quant_bias(q, zero_point, extra=shift_term)
+        self._set_cell(name, StaticW8A8Linear(q, deq, bias, input_scale, np.full(w.shape[1], zero_point, np.int8),
+                                              beta))
+        self.transforms[name] = Transform(scale, shift, t.folded_into, dict(t.details))
+        self.act_params[name] = alg.ActQuantParams(scale=np.float32(act_scale), zero_point=zero_point)
+        # float reference for the linear's own SQNR, as a function of what the cell receives
+        if t.folded_into:
+            self.reference[name] = (w * scale[None, :], (w.astype(np.float64) @ shift).astype(np.float32))
+        else:
+            self.reference[name] = (w, None)
+
+    def _set_norm_bias(self, norm_name: str, bias: np.ndarray) -> None:
+        norm = self.norms[norm_name]
+        if norm.has_bias:
+            norm.bias.set_data(_tensor(bias))
+        else:
+            norm.set_bias(bias, f"{norm_name}.bias")
+
+    def _search_batches(self, float_outputs: list[np.ndarray]) -> tuple[list, list, list]:
+        """The bounded sample the OS+ search runs on: whole sequences, about ``token_sample`` tokens."""
+        want = self.recipe.options.token_sample
+        batches, hidden, targets, tokens = [], [], [], 0
+        for (ids, cos, sin, mask), h, target in zip(self.batches, self.hidden, float_outputs):
+            rows = min(len(ids), max(1, -(-(want - tokens) // ids.shape[1])))
+            batches.append((ids[:rows], cos[:rows], sin[:rows], mask[:rows]))
+            hidden.append(h[:rows])
+            targets.append(target[:rows])
+            tokens += rows * ids.shape[1]
+            if tokens >= want:
+                break
+        return batches, hidden, targets
+
+    def _search_osplus(self, members: list[str], norm: str | None, sample, grid: int) -> None:
+        batches, hidden, targets = sample
+        stats = self._union_stats(members)
+        shift = alg.osplus_shift(stats.minimum, stats.maximum)
+        lo, hi = alg.osplus_shifted_range(stats.minimum, stats.maximum, shift)
+
+        def layer_loss(_sample, z, s) -> float:
+            t = Transform(s, z, norm)
+            for m in members:
+                self._set_static(m, t)
+            outs = self.run(hidden, batches=batches)
+            return float(np.mean([np.mean((o - r) ** 2) for o, r in zip(outs, targets)]))
+
+        result = alg.osplus_search_scale(shift, lo, hi, np.zeros((1, shift.size), np.float32), layer_loss,
+                                         num_grid=grid)
+        best = Transform(result.scale, shift, norm,
+                         {"threshold": result.threshold, "grid_points": int(result.grid.size),
+                          "loss_best": float(result.losses[result.best_index]),
+                          "loss_shift_only": float(result.losses[0])})
+        for m in members:
+            self._set_static(m, best)
+
+    # ---- quantized pass, report and tensors -------------------------------------------------
+    def measure(self, float_outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Quantized pass: outputs, layer SQNR and per-linear SQNR against the float linear on the same input."""
+        sums = {n: [0.0, 0.0] for n in self.linears}
+        handles = []
+        for name, cell in self.linears.items():
+            ref_w, ref_c = self.reference[name]
+
+            def hook(cell, inputs, output, name=name, ref_w=ref_w, ref_c=ref_c):
+                x = inputs[0].asnumpy().reshape(-1, ref_w.shape[1]).astype(np.float64)
+                ref = x @ ref_w.T.astype(np.float64)
+                if ref_c is not None:
+                    ref += ref_c
+                got = output.asnumpy().reshape(ref.shape)
+                sums[name][0] += float(np.sum(ref ** 2))
+                sums[name][1] += float(np.sum((ref - got) ** 2))
+            handles.append(cell.register_forward_hook(hook))
+        try:
+            outputs = self.run(self.hidden)
+        finally:
+            for handle in handles:
+                handle.remove()
+        ref = np.concatenate([o.reshape(-1) for o in float_outputs])
+        got = np.concatenate([o.reshape(-1) for o in outputs])
+        inp = np.concatenate([h.reshape(-1) for h in self.hidden])
+        self.report = {
+            "layer": self.index,
+            "sqnr_db": _round(alg.sqnr_db(ref, got)),
+            "delta_sqnr_db": _round(alg.sqnr_db(ref - inp, got - inp)),
+            "linears": {},
+        }
+        for name, entry in self.entries.items():
+            info = {"scheme": entry.scheme.label, "chosen_by": entry.chosen_by}
+            if name in sums and sums[name][0] > 0:
+                signal, noise = sums[name]
+                info["sqnr_db"] = _round(10 * np.log10(signal / noise)) if noise > 0 else "inf"
+            if name in self.stats and self.stats[name].tokens:
+                info["tokens"] = int(self.stats[name].tokens)
+            if name in self.transforms:
+                t = self.transforms[name]
+                info["activation"] = {"scale": _round(float(self.act_params[name].scale), 8),
+                                      "zero_point": int(self.act_params[name].zero_point)}
+                info["transform"] = {
+                    "folded_into": t.folded_into,
+                    "smooth_scale_max": _round(float(t.scale.max())),
+                    "channels_scaled": int(np.sum(t.scale != 1)),
+                    "shift_absmax": _round(float(np.abs(t.shift).max())),
+                    **{k: _round(v) if isinstance(v, float) else v for k, v in t.details.items()},
+                }
+            self.report["linears"][name] = info
+        if self.expert_tokens is not None:
+            self.report["expert_tokens"] = [int(t) for t in self.expert_tokens]
+            self.report["experts_without_tokens"] = [int(e) for e in getattr(self, "unseen", [])]
+        return outputs
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor of the quantized layer in its storage dtype, with its description label."""
+        from .qlinear import QuantLinearBase
+
+        out = {}
+        labels = {}
+        for p in self.layer.get_parameters():
+            name = p.name
+            value = p.asnumpy()
+            owner = name.rsplit(".", 1)[0]
+            cell = self.linears.get(owner)
+            if isinstance(cell, QuantLinearBase):
+                local = name.rsplit(".", 1)[1]
+                out[name] = value.astype(QUANT_TENSOR_DTYPES[local])
+                labels[name] = cell.description
+            elif name.endswith("e_score_correction_bias"):
+                out[name], labels[name] = value.astype(np.float32), "FLOAT"
+            else:
+                out[name], labels[name] = value.astype(BF16), "FLOAT"
+        return out, labels
+
+
+def _tensor(array: np.ndarray):
+    from mindspore import Tensor
+
+    return Tensor(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _round(value, digits: int = 3):
+    if isinstance(value, float) and not np.isfinite(value):
+        return "inf" if value > 0 else "-inf"
+    return round(float(value), digits)
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+def _fingerprint(reader: CheckpointReader, recipe: Recipe, calib: CalibrationSet) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(reader.config.to_dict(), sort_keys=True).encode())
+    digest.update(json.dumps({n: [reader.dtype(n), list(reader.shape(n))] for n in reader.names()},
+                             sort_keys=True).encode())
+    digest.update(recipe.to_yaml().encode())
+    for batch in calib.batches:
+        digest.update(batch.tobytes())
+    return digest.hexdigest()
+
+
+def _prepare_batches(cfg, calib: CalibrationSet) -> list:
+    from mindspore import Tensor
+
+    from .model import RotaryTables, positions_and_mask
+
+    rotary = RotaryTables(cfg)
+    prepared = []
+    for ids in calib.batches:
+        ids_t = Tensor(ids)
+        positions, mask = positions_and_mask(ids_t, None)
+        cos, sin = rotary(positions)
+        prepared.append((ids, cos, sin, mask))
+    return prepared
+
+
+def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "deepseek-r1-w8a8-mixed",
+             out: str | Path | None = None, calibration: str | Path | None = None,
+             calib_samples: int | None = None, calib_seq_len: int | None = None, calib_seed: int | None = None,
+             resume: bool = False, progress: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+             stop_after_layer: int | None = None) -> QuantizeResult:
+    """Quantize a DeepSeek-V3/R1 checkpoint with a recipe; returns the output folder, the plan and the report.
+
+    ``model`` None means the embedded default model. ``calibration`` and ``calib_*`` override the recipe's data.
+    ``resume`` continues an interrupted run in ``out`` from its last finished layer (same bytes as one run).
+    ``stop_after_layer`` stops after that layer, leaving the run resumable (what a kill does, deterministically).
+    """
+    setup_mindspore()
+    from .tokenizer import load_tokenizer
+
+    if model is None:
+        from .make_model import default_model_path
+        model = default_model_path()
+    reader = CheckpointReader(model)
+    cfg = reader.config
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    plan = recipe.plan(cfg)
+    if out is None:
+        raise QuantizeError("quantize needs an output folder (out=...)")
+    out = Path(out)
+    work = out / WORK_DIR
+    if out.exists() and any(p for p in out.iterdir() if p.name != WORK_DIR) and not resume:
+        raise QuantizeError(f"{out} is not empty; choose a new folder (or --resume an interrupted run there)")
+    if resume and not (work / "state.json").exists():
+        if (out / "manifest.json").exists():
+            raise QuantizeError(f"{out} holds a finished run (manifest.json): nothing to resume")
+        resume = False  # nothing was finished yet: start from the beginning
+
+    tok = load_tokenizer(model)
+    cal = recipe.calibration
+    calib = load_calibration(calibration or cal.data or DEFAULT_CALIBRATION, tok.tokenizer,
+                             samples=calib_samples or cal.samples, seq_len=calib_seq_len or cal.seq_len,
+                             seed=cal.seed if calib_seed is None else calib_seed, bos_id=tok.bos_id)
+    fingerprint = _fingerprint(reader, recipe, calib)
+    batches = _prepare_batches(cfg, calib)
+
+    work.mkdir(parents=True, exist_ok=True)
+    state = {"fingerprint": fingerprint, "finished": -1}
+    if resume:
+        state = json.loads((work / "state.json").read_text())
+        if state["fingerprint"] != fingerprint:
+            raise QuantizeError(f"{out}: the interrupted run used a different model, recipe or calibration data; "
+                                "resume needs the same inputs")
+        hidden_file = np.load(work / "hidden.npz")
+        hidden = [hidden_file[f"b{i}"] for i in range(len(batches))]
+    else:
+        embed = bf16_round(reader.read("model.embed_tokens.weight"))  # as exported
+        hidden = [embed[ids] for ids, *_ in batches]
+        del embed
+
+    layers = range(state["finished"] + 1, cfg.num_hidden_layers)
+    bar = _progress(layers, progress, cfg.num_hidden_layers, state["finished"] + 1)
+    for i in bar:
+        started = time.time()
+        lq = LayerQuantizer(cfg, i, reader.read_layer(i), plan, recipe, batches, hidden)
+        float_outputs = lq.observe(recipe.options.moe_calibrate_all_experts)
+        lq.quantize(float_outputs)
+        quant_outputs = lq.measure(float_outputs)
+        tensors, labels = lq.tensors()
+        write_safetensors(_tmp(work / f"layer-{i:05d}.safetensors"), tensors.items())
+        os.replace(_tmp(work / f"layer-{i:05d}.safetensors"), work / f"layer-{i:05d}.safetensors")
+        write_json_atomic(work / f"layer-{i:05d}.json", {"report": lq.report, "labels": labels})
+        hidden = quant_outputs if recipe.options.inputs_from == "quantized" else float_outputs
+        np.savez(_tmp(work / "hidden.npz"), **{f"b{k}": h for k, h in enumerate(hidden)})
+        os.replace(_tmp(work / "hidden.npz"), work / "hidden.npz")
+        state["finished"] = i
+        write_json_atomic(work / "state.json", state)
+        if progress:
+            bar.set_postfix_str(f"layer {i}: SQNR {lq.report['sqnr_db']} dB, {time.time() - started:.1f}s")
+        del lq, tensors, float_outputs, quant_outputs
+        if stop_after_layer is not None and i >= stop_after_layer and i < cfg.num_hidden_layers - 1:
+            raise QuantizeError(f"stopped after layer {i} as asked; continue with resume=True")
+
+    final_logits = _final_logits(reader, hidden[0])
+    report = _assemble(out, work, reader, recipe, plan, calib, max_shard_bytes)
+    return QuantizeResult(out=out, plan=plan, report=report, final_logits=final_logits)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{path.suffix}")
+
+
+def _progress(layers, enabled: bool, total: int, initial: int):
+    if not enabled:
+        return layers
+    from tqdm import tqdm
+
+    return tqdm(layers, total=total, initial=initial, desc="quantize", unit="layer")
+
+
+def _final_logits(reader: CheckpointReader, hidden: np.ndarray) -> np.ndarray:
+    """The quantized model's logits for the first calibration batch: final norm and lm_head as stored (bf16)."""
+    cfg = reader.config
+    norm = bf16_round(reader.read("model.norm.weight")).astype(np.float64)
+    head = bf16_round(reader.read("lm_head.weight"))
+    from .model import Linear, RMSNorm
+
+    rms = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    rms.weight.set_data(_tensor(norm))
+    lm = Linear(cfg.hidden_size, cfg.vocab_size)
+    lm.weight.set_data(_tensor(head))
+    return lm(rms(_tensor(hidden))).asnumpy()
+
+
+def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, plan: Plan,
+              calib: CalibrationSet, max_shard_bytes: int) -> dict:
+    """Write the final checkpoint from the per-layer work files, then the metadata, then the manifest."""
+    from safetensors import safe_open
+
+    cfg = reader.config
+    labels: dict[str, str] = {}
+    layer_reports = []
+    writer = ShardedWriter(out, max_shard_bytes=max_shard_bytes, overwrite=True)
+    try:
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            writer.add(name, bf16_round(reader.read(name)).astype(BF16))
+            labels[name] = "FLOAT"
+        for i in range(cfg.num_hidden_layers):
+            meta = json.loads((work / f"layer-{i:05d}.json").read_text())
+            layer_reports.append(meta["report"])
+            labels.update(meta["labels"])
+            with safe_open(work / f"layer-{i:05d}.safetensors", framework="numpy") as f:
+                for name in sorted(f.keys()):
+                    writer.add(name, f.get_tensor(name))
+        for name in reader.mtp_tensor_names():  # MTP passes through unquantized (bf16, FP8 dequantized)
+            raw = reader.read_raw(name)
+            writer.add(name, raw if raw.dtype == np.float32 else reader.read(name).astype(BF16))
+            labels[name] = "FLOAT"
+        writer.close(metadata={"quantized_by": "goldstick", "format": "mindspore"})
+    except BaseException:
+        writer.abort()
+        raise
+
+    config = cfg.to_dict()
+    config.pop("quantization_config", None)  # R1's FP8 block config no longer describes these weights
+    config["torch_dtype"] = "bfloat16"
+    config["quantization_config"] = {
+        "quant_method": "golden-stick", "format": "mindspore", "producer": "goldstick",
+        "description_file": "quantization_description.json", "recipe": recipe.name,
+        "schemes": plan.counts_by_label(), "version": FORMAT_VERSION,
+    }
+    write_json_atomic(out / "config.json", config)
+    write_json_atomic(out / "quantization_description.json", dict(sorted(labels.items())))
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+        if (reader.path / extra).exists():
+            shutil.copyfile(reader.path / extra, out / extra)
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    report = {
+        "recipe": recipe.name,
+        "model": str(reader.path),
+        "calibration": calib.provenance(),
+        "plan": {"counts": plan.counts_by_label()},
+        "layers": layer_reports,
+    }
+    write_json_atomic(out / "report.json", report)
+    (out / "report.md").write_text(render_report_md(report))
+    _write_manifest(out)
+    shutil.rmtree(work)
+    return report
+
+
+def _write_manifest(out: Path) -> None:
+    files = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_file() and WORK_DIR not in path.parts and path.name != "manifest.json":
+            files[str(path.relative_to(out))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    write_json_atomic(out / "manifest.json", {"producer": "goldstick", "files": files})
+
+
+def render_report_md(report: dict) -> str:
+    lines = [f"# Quantization report: {report['recipe']}", "",
+             f"Model: `{report['model']}`  ",
+             f"Calibration: `{report['calibration']['source']}`, {report['calibration']['samples']} samples x "
+             f"{report['calibration']['seq_len']} tokens ({report['calibration']['tokens']} tokens)", "",
+             "## Schemes", "", "| scheme | linears |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report["plan"]["counts"].items()]
+    lines += ["", "## Layers (output error on calibration data)", "",
+              "| layer | output SQNR dB | layer-delta SQNR dB | worst linear | its SQNR dB |", "|---|---|---|---|---|"]
+    for layer in report["layers"]:
+        scored = [(v["sqnr_db"], k) for k, v in layer["linears"].items() if isinstance(v.get("sqnr_db"), float)]
+        worst = min(scored) if scored else ("-", "-")
+        lines.append(f"| {layer['layer']} | {layer['sqnr_db']} | {layer['delta_sqnr_db']} | `{worst[1]}` | {worst[0]} |")
+    lines += ["", "## Linears", "", "| linear | scheme | rule | SQNR dB | act scale / zp | transform |",
+              "|---|---|---|---|---|---|"]
+    for layer in report["layers"]:
+        for name, v in layer["linears"].items():
+            act = v.get("activation")
+            act_s = f"{act['scale']} / {act['zero_point']}" if act else ""
+            t = v.get("transform")
+            t_s = ""
+            if t:
+                t_s = (f"folded into {t['folded_into']}; " if t["folded_into"] else "explicit; ") + \
+                    f"max scale {t['smooth_scale_max']}, shift absmax {t['shift_absmax']}"
+                if t.get("alpha") is not None:
+                    t_s += f", alpha {t['alpha']}"
+                if t.get("threshold") is not None:
+                    t_s += f", threshold {t['threshold']}"
+            lines.append(f"| `{name}` | {v['scheme']} | {v['chosen_by']} | {v.get('sqnr_db', '')} | {act_s} | {t_s} |")
+        if layer.get("expert_tokens") is not None:
+            lines.append("")
+            lines.append(f"Layer {layer['layer']} routed tokens per expert: {layer['expert_tokens']}"
+                         + (f"; experts with no token (statistics from the layer's MoE input sample): "
+                            f"{layer['experts_without_tokens']}" if layer.get("experts_without_tokens") else ""))
+            lines.append("")
+    return "\n".join(lines) + "\n"
