@@ -19,12 +19,18 @@ DESCRIPTION_FILE = "quantization_description.json"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def load_model(path: str | Path, progress: bool = False):
+BACKENDS = ("cpu", "ascend")
+
+
+def load_model(path: str | Path, backend: str = "cpu", progress: bool = False):
     """Build ``DeepseekV3ForCausalLM`` from a checkpoint folder, float or quantized.
 
-    Weights are read layer by layer through the memory-mapped reader. The MTP layer (index num_hidden_layers)
-    is not part of the main network and is not loaded here.
+    ``backend`` chooses the quantized cells: ``cpu`` (the exact integer twin, runs here) or ``ascend`` (the
+    Ascend kernels; built and checked structurally here, run on an NPU). Weights are read layer by layer through
+    the memory-mapped reader. The MTP layer (index num_hidden_layers) is not part of the main network.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     setup_mindspore()
     from .model import DeepseekV3ForCausalLM
 
@@ -32,7 +38,7 @@ def load_model(path: str | Path, progress: bool = False):
     net = DeepseekV3ForCausalLM(reader.config)
     description = Path(path) / DESCRIPTION_FILE
     if description.exists():
-        _load_quantized(net, reader, description)
+        _load_quantized(net, reader, description, backend)
     else:
         net.load_weights(reader.read_globals())
         for _, tensors in reader.iter_layers(progress=progress):
@@ -41,7 +47,7 @@ def load_model(path: str | Path, progress: bool = False):
     return net
 
 
-def _load_quantized(net, reader: CheckpointReader, description: Path) -> None:
+def _load_quantized(net, reader: CheckpointReader, description: Path, backend: str) -> None:
     from .qlinear import cell_from_tensors, replace_cell
 
     try:
@@ -71,7 +77,7 @@ def _load_quantized(net, reader: CheckpointReader, description: Path) -> None:
     for owner, tensors in quantized.items():
         label = tensors.pop("__label__")
         try:
-            cell = cell_from_tensors(label, tensors, owner)
+            cell = cell_from_tensors(label, tensors, owner, backend=backend)
         except ValueError as exc:
             raise CheckpointError(f"{reader.path.name}: {exc}") from None
         replace_cell(net, owner, cell)

@@ -163,8 +163,11 @@ def replace_cell(root: nn.Cell, path: str, cell: nn.Cell, full_name: str | None 
         p.name = f"{prefix}.{p.name.rsplit('.', 1)[-1]}"
 
 
-def cell_from_tensors(label: str, tensors: dict[str, np.ndarray], name: str) -> QuantLinearBase:
-    """Build the CPU cell for one stored linear from its checkpoint tensors (local names -> arrays)."""
+def cell_from_tensors(label: str, tensors: dict[str, np.ndarray], name: str, backend: str = "cpu") -> nn.Cell:
+    """Build the cell for one stored linear from its checkpoint tensors (local names -> arrays).
+
+    ``backend="cpu"``: the exact integer twin of this module. ``backend="ascend"``: the Ascend kernel cells.
+    """
     scheme = DESCRIPTION_TO_SCHEME.get(label)
     if scheme is None:
         raise ValueError(f"{name}: quantization label {label!r} is not one of {sorted(DESCRIPTION_TO_SCHEME)}")
@@ -179,6 +182,10 @@ def cell_from_tensors(label: str, tensors: dict[str, np.ndarray], name: str) -> 
         raise ValueError(f"{name}.weight_offset: asymmetric weights are not supported (offsets must be zero)")
     f32 = {k: np.asarray(v).astype(np.float32) if k not in ("weight", "quant_bias", "input_offset") else v
            for k, v in tensors.items()}
+    if backend == "ascend":
+        from .ascend import ascend_cell_from_tensors
+
+        return ascend_cell_from_tensors(scheme, tensors, name)
     if scheme == "w8a8-static":
         return StaticW8A8Linear(f32["weight"], f32["deq_scale"], f32["quant_bias"], f32["input_scale"],
                                 f32["input_offset"], f32.get("beta"))
