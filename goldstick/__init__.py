@@ -3,8 +3,12 @@
 The public API is a few verbs and config objects:
 
     import goldstick
-    net = goldstick.load_model("path/to/checkpoint")        # MindSpore nn.Cell, logits = net(ids)
-    path = goldstick.make_model("out/")                      # the embedded tiny DeepSeek-V3 model
+    model = goldstick.default_model_path()                    # the embedded tiny DeepSeek-V3 model (made once)
+    recipe = goldstick.load_recipe("deepseek-r1-w8a8-mixed")  # or goldstick.Recipe(rules=..., ...)
+    print(recipe.plan(goldstick.ModelConfig.from_file(model)).format())
+    result = goldstick.quantize(model, recipe, out="out/q")   # -> .out, .plan, .report
+    net = goldstick.load_model(result.out)                    # MindSpore nn.Cell: logits = net(ids)
+    print(goldstick.compare_models(model, result.out))        # float vs quantized on held-out text
 """
 
 from __future__ import annotations
@@ -21,6 +25,16 @@ _LAZY = {
     "CheckpointError": "goldstick.checkpoint",
     "make_model": "goldstick.make_model",
     "default_model_path": "goldstick.make_model",
+    "quantize": "goldstick.engine",
+    "QuantizeResult": "goldstick.engine",
+    "load_recipe": "goldstick.recipe",
+    "Recipe": "goldstick.recipe",
+    "Rule": "goldstick.recipe",
+    "Scheme": "goldstick.recipe",
+    "Calibration": "goldstick.recipe",
+    "Options": "goldstick.recipe",
+    "compare_models": "goldstick.evaluate",
+    "from_golden_stick": "goldstick.gs_compat",
 }
 
 __all__ = sorted(_LAZY)

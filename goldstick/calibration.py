@@ -13,6 +13,7 @@ used as given (each truncated to ``seq_len``), so comparisons with other tools c
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,12 +124,17 @@ def load_calibration(data: str | Path, tokenizer, samples: int, seq_len: int, se
     if samples <= 0 or seq_len <= 1:
         raise CalibrationError(f"need samples > 0 and seq_len > 1, got samples={samples}, seq_len={seq_len}")
     source = resolve_source(data)
+    notes = []
+    if "ceval" in str(source).lower():
+        warning = (f"calibrating on CEval data ({source}): CEval accuracy measured on the same questions will be "
+                   "optimistic (Golden-Stick's R1 flow makes this mistake); evaluate on a different split")
+        warnings.warn(warning, stacklevel=2)
+        notes.append(warning)
     if isinstance(source, Path) and source.suffix == ".jsonl":
         texts, ids = _read_jsonl(source)
     else:
         texts, ids = _read_with_datasets(source)
     rng = np.random.RandomState(seed)
-    notes = []
     if ids:
         chosen = [ids[i] for i in rng.permutation(len(ids))[:samples]]
         if len(chosen) < samples:

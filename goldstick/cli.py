@@ -3,8 +3,14 @@
     goldstick run [--out DIR]                         the main job on the embedded default model:
                                                       quantize with the default recipe, compare with float
     goldstick quantize RECIPE [--model DIR] --out DIR [--dry-run] [--resume] [--calib PATH ...]
+                      [--format mindspore|compressed-tensors]
+    goldstick export SRC --format FORMAT --out DIR    convert a quantized checkpoint to the other format
     goldstick compare FLOAT_DIR QUANT_DIR             float vs quantized on held-out text
-    goldstick generate DIR "prompt"                   greedy continuation, with tokens/s
+    goldstick ceval --model DIR --quantized DIR --data CEVAL_DIR [--shots 0|5] --out DIR
+    goldstick ceval eval/JOB.yaml                     C-Eval regression job (exit 3 when the drop fails the gate)
+    goldstick generate DIR "prompt" [--temperature T ...] [--no-cache]   continuation, with tokens/s
+    goldstick serve DIR [--port N] [--host H]         OpenAI-style HTTP server (/v1/completions)
+    goldstick analyze --model DIR --recipe R --out DIR [--propose --budget X]   per-layer loss analysis
     goldstick make-model --out DIR [--size tiny|wide] [--fp8]
     goldstick recipes                                 the shipped recipes
 """
@@ -42,6 +48,9 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--calib", help="calibration data: .jsonl, datasets folder/file or hub name")
     p.add_argument("--calib-samples", type=int, help="number of calibration sequences")
     p.add_argument("--calib-seq-len", type=int, help="tokens per calibration sequence")
+    p.add_argument("--format", dest="export_format", choices=("mindspore", "compressed-tensors"),
+                   default="mindspore", help="checkpoint format: mindspore (Golden-Stick / vllm-mindspore, default) "
+                                             "or compressed-tensors (vLLM)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_quantize)
 
@@ -60,13 +69,37 @@ def run_quantize(args) -> int:
     if not args.out:
         print("goldstick quantize: --out is required (or use --dry-run)", file=sys.stderr)
         return 2
-    from .quantize import quantize
+    from .engine import quantize
 
     started = time.time()
     result = quantize(model, recipe, out=args.out, calibration=args.calib, calib_samples=args.calib_samples,
-                      calib_seq_len=args.calib_seq_len, resume=args.resume, progress=not args.no_progress)
+                      calib_seq_len=args.calib_seq_len, resume=args.resume, progress=not args.no_progress,
+                      export_format=args.export_format)
     print(f"quantized in {time.time() - started:.1f}s -> {result.out}")
     print(f"report: {result.out / 'report.md'}")
+    return 0
+
+
+# ---- export ------------------------------------------------------------------------------------------------------
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="convert a quantized checkpoint to the other format",
+                       description="Convert a goldstick checkpoint between the mindspore and compressed-tensors "
+                                   "formats, tensor by tensor, without re-calibrating. Refuses, naming the layers, "
+                                   "what the target format cannot hold.")
+    p.add_argument("src", help="quantized checkpoint folder (either format)")
+    p.add_argument("--format", dest="export_format", required=True, choices=("mindspore", "compressed-tensors"))
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--max-shard-size", type=float, default=4096, metavar="MB", help="shard size cap (default 4096)")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from .export import export_checkpoint
+
+    started = time.time()
+    out = export_checkpoint(args.src, args.out, args.export_format,
+                            max_shard_bytes=int(args.max_shard_size * (1 << 20)))
+    print(f"exported {args.src} -> {out} ({args.export_format}) in {time.time() - started:.1f}s")
     return 0
 
 
@@ -92,20 +125,65 @@ def run_compare(args) -> int:
 
 # ---- generate ----------------------------------------------------------------------------------------------------
 def add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="greedy continuation of a prompt")
+    p = sub.add_parser("generate", help="continue a prompt (greedy or sampled), with tokens/s",
+                       description="Continue a prompt with a float or quantized checkpoint. Greedy unless "
+                                   "--temperature > 0; decodes with the MLA latent KV cache unless --no-cache.")
     p.add_argument("model", nargs="?", help="checkpoint folder, float or quantized (default: embedded model)")
     p.add_argument("prompt", nargs="?", default="I love Beijing, because")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
+    p.add_argument("--no-cache", action="store_true", help="rerun the whole sequence every step (no KV cache)")
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args) -> int:
-    from .generate import greedy_generate
+    from .generate import Generator, SamplingParams
 
     model = _model_or_default(args.model)
-    text, stats = greedy_generate(model, args.prompt, args.max_tokens)
-    print(text)
-    print(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_second']:.1f} tokens/s]")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            ignore_eos=args.ignore_eos).check()
+    generator = Generator.from_dir(model)
+    (completion,), timing = generator.generate(args.prompt, params, use_cache=not args.no_cache)
+    print(args.prompt + completion.text)
+    mode = "no cache" if args.no_cache else "KV cache"
+    print(f"[{timing.new_tokens} tokens in {timing.seconds:.2f}s: {timing.tokens_per_second:.1f} tokens/s "
+          f"({mode}; prompt {timing.prompt_tokens} tokens, first token after {timing.prefill_seconds:.2f}s, "
+          f"then {timing.decode_tokens_per_second:.1f} tokens/s); finish: {completion.finish_reason}]")
+    return 0
+
+
+# ---- serve -------------------------------------------------------------------------------------------------------
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-style HTTP server (/v1/completions, /v1/models, /health)",
+                       description="Serve a float or quantized checkpoint over HTTP (needs the `serve` extra: "
+                                   "pip install 'goldstick[serve]').")
+    p.add_argument("model", nargs="?", help="checkpoint folder (default: embedded model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients use (default: the path as given; its folder name also matches)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("goldstick serve needs FastAPI and uvicorn: pip install 'goldstick[serve]'", file=sys.stderr)
+        return 1
+    from .serve import serve
+
+    serve(_model_or_default(args.model), host=args.host, port=args.port, served_model_name=args.served_model_name,
+          max_body_bytes=args.max_body_bytes, log_level=args.log_level)
     return 0
 
 
@@ -122,7 +200,7 @@ def add_run_parser(sub) -> None:
 
 def run_main_job(args) -> int:
     from .evaluate import compare_models
-    from .quantize import quantize
+    from .engine import quantize
     from .recipe import DEFAULT_RECIPE
 
     model = _model_or_default(None)
@@ -157,6 +235,12 @@ def run_recipes(args) -> int:
     return 0
 
 
+def add_analyze_parser(sub) -> None:
+    from .analyze import add_analyze_parser as add
+
+    add(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .make_model import add_make_model_parser
 
@@ -164,9 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_parser(sub)
     add_quantize_parser(sub)
+    add_export_parser(sub)
     add_compare_parser(sub)
     add_generate_parser(sub)
+    add_serve_parser(sub)
     add_make_model_parser(sub)
+    from .ceval import add_ceval_parser
+
+    add_ceval_parser(sub)
+    add_analyze_parser(sub)
     sub.add_parser("recipes", help="list the shipped recipes").set_defaults(func=run_recipes)
     args = parser.parse_args(argv)
     try:

@@ -22,27 +22,39 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 BACKENDS = ("cpu", "ascend")
 
 
-def load_model(path: str | Path, backend: str = "cpu", progress: bool = False):
+def load_model(path: str | Path, backend: str = "cpu", progress: bool = False, group_experts: bool = True):
     """Build ``DeepseekV3ForCausalLM`` from a checkpoint folder, float or quantized.
 
     ``backend`` chooses the quantized cells: ``cpu`` (the exact integer twin, runs here) or ``ascend`` (the
     Ascend kernels; built and checked structurally here, run on an NPU). Weights are read layer by layer through
     the memory-mapped reader. The MTP layer (index num_hidden_layers) is not part of the main network.
+    On ``ascend`` the routed experts of each MoE layer run as one grouped matmul per projection
+    (``group_experts=False`` keeps one cell per expert).
+    Quantized checkpoints load from either goldstick format: mindspore (``quantization_description.json``) or
+    compressed-tensors (converted to the same cells by ``goldstick.export``, so the logits are the same).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     setup_mindspore()
+    from .export import COMPRESSED_TENSORS, detect_format
     from .model import DeepseekV3ForCausalLM
 
-    reader = CheckpointReader(path)
-    net = DeepseekV3ForCausalLM(reader.config)
-    description = Path(path) / DESCRIPTION_FILE
-    if description.exists():
-        _load_quantized(net, reader, description, backend)
+    if detect_format(path) == COMPRESSED_TENSORS:
+        net = _load_compressed_tensors(path, backend)
     else:
-        net.load_weights(reader.read_globals())
-        for _, tensors in reader.iter_layers(progress=progress):
-            net.load_weights(tensors)
+        reader = CheckpointReader(path)
+        net = DeepseekV3ForCausalLM(reader.config)
+        description = Path(path) / DESCRIPTION_FILE
+        if description.exists():
+            _load_quantized(net, reader, description, backend)
+        else:
+            net.load_weights(reader.read_globals())
+            for _, tensors in reader.iter_layers(progress=progress):
+                net.load_weights(tensors)
+    if backend == "ascend" and group_experts:
+        from .ascend import group_routed_experts
+
+        group_routed_experts(net)  # one GroupedMatmul per projection instead of the per-expert loop
     net.set_train(False)
     return net
 
@@ -87,3 +99,29 @@ def _load_quantized(net, reader: CheckpointReader, description: Path, backend: s
         for part in norm_path.split("."):
             norm = norm[int(part)] if part.isdigit() else getattr(norm, part)
         norm.set_bias(bias, name)
+
+
+def _load_compressed_tensors(path, backend: str):
+    """A compressed-tensors checkpoint written by goldstick: converted linear by linear to the mindspore layout
+    (goldstick.export.CompressedTensorsSource), so it gets the same cells and the same logits."""
+    import numpy as np
+
+    from .export import CompressedTensorsSource
+    from .model import DeepseekV3ForCausalLM
+    from .qlinear import cell_from_tensors, replace_cell
+
+    source = CompressedTensorsSource(path)
+    net = DeepseekV3ForCausalLM(source.config)
+    floats, cells = {}, []
+    for name, label, value in source.entries(include_mtp=False):
+        if label == "FLOAT":
+            floats[name] = np.asarray(value, dtype=np.float32)
+            continue
+        try:
+            cells.append((name, cell_from_tensors(label, value, name, backend=backend)))
+        except ValueError as exc:
+            raise CheckpointError(f"{source.path.name}: {exc}") from None
+    net.load_weights(floats)
+    for name, cell in cells:
+        replace_cell(net, name, cell)
+    return net

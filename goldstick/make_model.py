@@ -31,39 +31,71 @@ multiples of 128 (tiny: kv_a is 64+16 = 80 rows, q_a 96 rows; wide: kv_a 288 row
 Weights are random (seeded per tensor name, so any tensor is independent of the others and of generation order),
 then shaped to be numerically sane and to behave like a trained LLM where quantization is concerned:
 
-* **Planted activation outliers.** Trained LLMs have a few residual channels far larger than the rest ("massive
-  activations", nearly constant across tokens) and channels with a clear non-zero mean. We plant both in
-  ``embed_tokens`` (ordinary channels have unit spread): 2 (tiny) / 3 (wide) *massive* channels hold +96, -72
-  (, +60) for every token (+-3% jitter), and 3 (tiny) / 4 (wide) *offset* channels have mean +-4. Output rows of
-  o_proj/down_proj are nearly zero on the massive channels, so they persist unchanged through every layer, as in
-  real models. The linears that read the normed residual (q_a, kv_a, router, routed/shared experts, dense MLP) have
-  tiny weight columns there (a massive channel contributes like a tenth of an ordinary one: the model treats it as
-  a bias), so per-channel weight quantization stays easy while a per-tensor (or per-token) activation scale is set
-  by the outlier and crushes the ordinary channels. In addition ``input_layernorm``, ``post_attention_layernorm``
-  and ``q_a_layernorm`` have 3/3/2 amplified channels (gains 8, 6, 4; the other gains are 1 +- 0.05), with their
-  consumers' columns divided by sqrt(gain). Channels, values and gains are recorded in ``make_model.json``.
+* **Planted activation outliers**, shaped after what trained LLMs show and where:
 
-  Measured on tiny, first layer, inputs of q_a_proj+kv_a_proj over the calibration set (``outlier_report``): per-
-  channel absmax max/median = 19.7/0.53 = 37; the massive channels sit at +12.7/-8.7 (ordinary std 0.25), the
-  offset channels at +-0.49 (std 0.12). Relative error of the fused q_a+kv_a output: int8 per-channel weights only
-  0.9%, plus static per-tensor int8 activations 18.5%, the same after SmoothQuant (alpha 0.5) 2.6%. Over the whole
-  model (fake quantization of every linear except router, kv_b and lm_head; KL to the float model on the held-out
-  set), tiny: weight-only 0.0013, static per-tensor W8A8 0.020, with SmoothQuant 0.0033; per-token dynamic W8A8
-  0.013, with SmoothQuant 0.0012. wide: 0.0072 / 0.050 / 0.015 and 0.044 / 0.0082.
+  - *Massive activations* (Sun et al., 2024, "Massive Activations in Large Language Models"): a few residual
+    channels reach 100-1000x the median magnitude, but only on specific tokens (the starting token and delimiters
+    such as "." "\n" "。" "，"), where they stay nearly constant and act like biases; other tokens do not carry them.
+    We plant them in ``embed_tokens`` (ordinary channels have unit spread): on the rows of bos and of the tokens
+    ".", "\n", "。", "，" of the bundled tokenizer (``MASSIVE_TOKENS``, about 12% of the tokens of the held-out
+    text) 2 (tiny) / 3 (wide) *massive* channels hold +96, -72 (, +60) (+-3% jitter); on every other token those
+    channels are ordinary. o_proj/down_proj rows write almost nothing (x0.01) into them, so they persist unchanged
+    through every layer, as in real models. The linears that read the normed residual (q_a, kv_a, router,
+    routed/shared experts, dense MLP) have tiny weight columns there (a massive channel contributes like a tenth of
+    an ordinary one). After an RMSNorm a massive token is dominated by its massive channels (+-12 against ~0.4 for
+    its other channels, ~1 on other tokens), so a static per-tensor scale calibrated over all tokens is set by them.
+  - *Non-zero-mean channels* (Wei et al., 2023, "Outlier Suppression+"): 3 (tiny) / 4 (wide) *offset* channels
+    have mean +-4 (spread 1) on every token, and persist likewise. OS+'s per-channel shift centres them.
+  - *Systematic outlier channels* (Dettmers et al., 2022, LLM.int8(); Xiao et al., 2023, SmoothQuant): a few
+    channels of moderate magnitude (~10-20x the median channel) on most tokens, which per-channel smoothing fixes.
+    As in DeepSeek-R1 (below), they sit at the attention (MLA) inputs: every ``input_layernorm`` amplifies the
+    offset channels by 12, 10, 8 (, 6) (shuffled per layer) and two zero-mean channels by 4 and 3, so the input of
+    q_a_proj/kv_a_proj has asymmetric outlier channels at ~+-25..40 against a median channel absmax of ~3;
+    ``q_a_layernorm`` amplifies two channels (4, 3) of the q_b_proj input; ``kv_b_proj`` amplifies two value
+    channels (6, 4) of the o_proj input (whose channels also inherit non-zero means from the offsets).
+  - The FFN inputs (``post_attention_layernorm``, read by the router, the dense MLP and the shared and routed
+    experts) get only mild systematic outliers: gains 2 and 1.5 on two channels and 0.5 on the offset channels.
+    What remains there is token-wise variation (the massive tokens, and tokens with a large channel of their own).
+    This mirrors R1 as Golden-Stick quantizes it: its production mix (``deepseek-r1-w8a8-mixed``) quantizes every
+    FFN input per token, dynamically, without smoothing, and keeps CEval within noise, i.e. R1's FFN inputs are
+    dominated by token-wise variation, while its MLA inputs need static W8A8 with OS+ outlier suppression.
+
+  The consumers read amplified channels with ordinary weights (outlier features carry signal, as in trained
+  models), so int8 per-channel weights stay as accurate as without them. Channels, values, gains and the massive
+  token ids are recorded in ``make_model.json``.
+
+  Measured on tiny (``outlier_report``, first layer, statistics tokens; relative error of the fused output of int8
+  per-channel weights times each activation scheme): MLA input (q_a+kv_a), per-channel absmax max/median =
+  70/3.2 = 22, median per-token absmax 45 (12 on massive tokens): weight-only 0.8%, static per-tensor 4.4%, with
+  SmoothQuant (alpha 0.5) 1.2%, with OS+ (shift + searched scale) 0.7%, dynamic per-token 2.9%. FFN input (dense
+  gate+up): absmax ratio 13/3.0 = 4.4, median per-token absmax 3.6 (11 on massive tokens): weight-only 0.7%,
+  static per-tensor 3.1%, SmoothQuant 1.8%, OS+ 1.3%, dynamic per-token 1.5%.
+  Through the whole network (``tests/test_recipe_ordering.py``: the real engine, 32x128 calibration tokens, KL
+  of the quantized to the float next-token distributions on 16x128 held-out tokens), tiny seed 0 / seed 1:
+  w8a16 0.0029 / 0.0020, deepseek-r1-w8a8-mixed 0.0039 / 0.0033, MLA SmoothQuant + FFN dynamic 0.0050 / 0.0041,
+  all-static SmoothQuant 0.0059 / 0.0045, all-dynamic 0.0076 / 0.0056, naive static 0.0154 / 0.0106 (a second
+  calibration seed moves these by up to 15%, the order stays).
+  On this MoE the KL is dominated by routing flips: a perturbed router input changes a few tokens' experts (~4% of
+  the tokens per layer at -35 dB), each flip changes that token a lot, and with the float routing imposed the KL
+  is 20-30x smaller; so KL grows about linearly with the error amplitude rather than with its power.
 * **Sane numerics.** A float32 statistics pass (a plain numpy forward over corpus tokens, RoPE without YaRN since
   positions stay below 256) rescales, layer by layer, each router so its logits have unit spread (random gates plus a
   small random ``e_score_correction_bias``: every expert receives tokens, the busiest about 2-3x its fair share),
-  and each o_proj / down_proj so every sublayer adds 0.4x the residual's typical magnitude: logits are finite and
-  varied, and the ordinary channels grow about 1.15x per layer. Scale factors are rounded to 3 significant digits
-  so that tiny floating-point differences do not change them. The MTP layer reads ``eh_proj`` of the normed
-  next-token embedding and the main model's last hidden state (before ``model.norm``); ``eh_proj`` passes the
-  planted channels through, so the MTP block sees the same outliers.
+  each q_b_proj so one query's attention logits spread by 4 (std over its keys: attention is peaked, median top
+  probability ~0.6, as in trained models, not near-uniform), and each o_proj / down_proj so every sublayer adds
+  0.4x the residual's typical magnitude: logits are finite and varied, and the ordinary channels grow about 1.15x
+  per layer. Scale factors are rounded to 3 significant digits so that tiny floating-point differences do not
+  change them. The MTP layer reads ``eh_proj`` of the normed next-token embedding and the main model's last hidden
+  state (before ``model.norm``); ``eh_proj`` passes the planted channels through, so the MTP block sees the same
+  outliers.
 * **Not pure noise.** ``embed_tokens`` and ``lm_head`` are initialised from the corpus' bigram statistics: a
   low-rank factorisation of the smoothed log P(next | current) lives in 3/8 of the ordinary channels, and the
-  unigram log-probability is carried by ``lm_head``'s column on the first massive channel (a massive activation
-  acting as a bias, as in real models). Held-out negative log-likelihood per token of tiny is about 6.9 nats, against
-  8.06 for a uniform guess and 7.2 for the unigram model, so quantization error shows in meaningful next-token
-  distributions. (The MTP head is a copy of ``lm_head``; it is not trained to predict two tokens ahead.)
+  unigram log-probability is carried by ``lm_head``'s columns on the planted channels (the offset channels on every
+  token, the massive ones on theirs), weighted by a least-squares fit so that together they read ~1 on every token
+  (bias-like channels, as in real models). Held-out negative log-likelihood per token of tiny is about 7.3 nats,
+  against 8.06 for a uniform guess (and 7.1 for the corpus' unigram model: the random layers add noise to the
+  logits), so quantization error shows in meaningful next-token distributions. (The MTP head is a copy of
+  ``lm_head``; it is not trained to predict two tokens ahead.)
 
 The CLI (``goldstick make-model``) is wired by ``add_make_model_parser`` / ``run_make_model``.
 """
@@ -92,7 +124,7 @@ from goldstick.tokenizer import (BOS_TOKEN, CORPUS_PATH, EOS_TOKEN, build_tokeni
                                  train_tokenizer)
 from goldstick.writer import ShardedWriter, write_json_atomic
 
-CONTENT_VERSION = 1  # bump when the generated weights change on purpose
+CONTENT_VERSION = 2  # bump when the generated weights change on purpose
 TOKENIZER_VOCAB = 4096  # cap given to the BPE trainer; the model's vocab_size is the result rounded up to 128
 
 R1_EXTRA = {"aux_loss_alpha": 0.001, "seq_aux": True, "ep_size": 1, "pretraining_tp": 1, "use_cache": True,
@@ -105,10 +137,19 @@ DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16}
 SIZES = ("tiny", "wide")
 
 # planted outliers (see the module docstring)
-MASSIVE_VALUES = (96.0, -72.0, 60.0)  # in units of the typical embedding magnitude (1.0)
-OFFSET_VALUES = (4.0, -4.0, 4.0, -4.0)
-NORM_GAINS = (8.0, 6.0, 4.0)
+MASSIVE_VALUES = (96.0, -72.0, 60.0)  # on the massive-activation tokens, in units of the typical magnitude (1.0)
+MASSIVE_TOKENS = (BOS_TOKEN, ".", "\n", "\u3002", "\uff0c")  # the starting token and delimiters: . \n 。 ，
+N_MASSIVE, N_OFFSET = (2, 3), (3, 4)  # how many massive / offset channels (tiny, wide)
+OFFSET_VALUES = (4.0, -4.0, 4.0, -4.0, 4.0, -4.0, 4.0, -4.0)  # channel means on every token
+OFFSET_STD = 1.0  # their spread across tokens
+INPUT_GAINS_OFFSET = (12.0, 10.0, 8.0, 6.0)  # input_layernorm gains on the offset channels (MLA inputs)
+INPUT_GAINS_PLAIN = (4.0, 3.0)  # input_layernorm gains on zero-mean channels
+Q_A_GAINS = (4.0, 3.0)  # q_a_layernorm gains (q_b_proj input)
+V_GAINS = (6.0, 4.0)  # o_proj input channels amplified through kv_b_proj's value rows
+POST_GAINS = (2.0, 1.5)  # post_attention_layernorm gains (FFN inputs): mild
+POST_GAIN_OFFSET = 0.5  # post_attention_layernorm weight on the offset channels
 MASSIVE_READ = 0.1  # a massive channel contributes like a tenth of an ordinary channel to the linears reading it
+PLANTED_WRITE = 0.01  # o_proj/down_proj rows into the massive and offset channels are damped by this factor
 
 
 def _yarn() -> dict:
@@ -151,12 +192,14 @@ def size_config(size: str) -> ModelConfig:
 # ---- planted outliers ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Planted:
-    """Which residual channels carry what (recorded in make_model.json)."""
-    massive: dict[int, float]  # channel -> value in embed_tokens (units of the typical magnitude, 1.0)
-    offset: dict[int, float]  # channel -> mean in embed_tokens
+    """Which residual channels carry what, and on which tokens (recorded in make_model.json)."""
+    massive: dict[int, float]  # channel -> value on the massive-activation tokens (units of the typical magnitude)
+    massive_tokens: dict[int, str]  # token id -> its text: the tokens that carry the massive activations
+    offset: dict[int, float]  # channel -> mean on every token in embed_tokens
     input_norm_gain: dict[int, dict[int, float]]  # layer -> channel -> input_layernorm weight
     post_norm_gain: dict[int, dict[int, float]]  # layer -> channel -> post_attention_layernorm weight
     q_a_norm_gain: dict[int, dict[int, float]]  # layer -> q_a_layernorm channel -> weight
+    v_gain: dict[int, dict[int, float]]  # layer -> o_proj input channel -> gain of that value channel
 
     def to_json(self) -> dict:
         def keys(d):
@@ -172,24 +215,52 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(name.encode())])))
 
 
+@functools.lru_cache(maxsize=None)
+def massive_token_ids() -> dict[int, str]:
+    """Ids of the tokens that carry massive activations: bos and the delimiters of ``MASSIVE_TOKENS``."""
+    tok = build_tokenizer(TOKENIZER_VOCAB)
+    out = {}
+    for text in MASSIVE_TOKENS:
+        ids = [tok.token_to_id(text)] if text == BOS_TOKEN else tok.encode(text, add_special_tokens=False).ids
+        if len(ids) != 1 or ids[0] is None:
+            raise ValueError(f"{text!r} is not a single token of the bundled tokenizer")
+        out[int(ids[0])] = text
+    return out
+
+
 def plant_outliers(cfg: ModelConfig, seed: int) -> Planted:
     rng = _rng(seed, "planted-outliers")
     h = cfg.hidden_size
-    n_massive, n_offset = (2, 3) if h <= 512 else (3, 4)
+    wide = h > 512
+    n_massive, n_offset = N_MASSIVE[wide], N_OFFSET[wide]
     chans = [int(c) for c in rng.permutation(h)]
     massive_ch, offset_ch, rest = chans[:n_massive], chans[n_massive:n_massive + n_offset], chans[n_massive + n_offset:]
     massive = {c: float(v) for c, v in zip(massive_ch, MASSIVE_VALUES)}
     offset = {c: float(v) for c, v in zip(offset_ch, OFFSET_VALUES)}
     layers = range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
-    def pick(pool, n, key):
+
+    def pick(pool, gains, key):
         r = _rng(seed, key)
-        return {int(c): g for c, g in zip(r.choice(pool, size=n, replace=False), NORM_GAINS)}
+        return {int(c): float(g) for c, g in zip(r.choice(pool, size=len(gains), replace=False), gains)}
+
+    def input_gains(i):
+        # every offset channel is amplified (gains shuffled per layer), plus a few zero-mean channels
+        order = _rng(seed, f"in-offset-gain-{i}").permutation(len(offset_ch))
+        gains = {offset_ch[j]: float(g) for j, g in zip(order, INPUT_GAINS_OFFSET)}
+        gains.update(pick(rest, INPUT_GAINS_PLAIN, f"in-gain-{i}"))
+        return gains
+
+    def post_gains(i):
+        gains = {c: POST_GAIN_OFFSET for c in offset_ch}
+        gains.update(pick(rest, POST_GAINS, f"post-gain-{i}"))
+        return gains
 
     return Planted(
-        massive=massive, offset=offset,
-        input_norm_gain={i: pick(rest, 3, f"in-gain-{i}") for i in layers},
-        post_norm_gain={i: pick(rest, 3, f"post-gain-{i}") for i in layers},
-        q_a_norm_gain={i: pick(np.arange(cfg.q_lora_rank), 2, f"qa-gain-{i}") for i in layers},
+        massive=massive, massive_tokens=massive_token_ids(), offset=offset,
+        input_norm_gain={i: input_gains(i) for i in layers},
+        post_norm_gain={i: post_gains(i) for i in layers},
+        q_a_norm_gain={i: pick(np.arange(cfg.q_lora_rank), Q_A_GAINS, f"qa-gain-{i}") for i in layers},
+        v_gain={i: pick(np.arange(cfg.num_attention_heads * cfg.v_head_dim), V_GAINS, f"v-gain-{i}") for i in layers},
     )
 
 
@@ -256,6 +327,26 @@ def _rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
 def _attention(cfg: ModelConfig, w: dict, p: str, x: np.ndarray) -> np.ndarray:
     """MLA on x [B, T, H] -> attention output before o_proj [B, T, n*v]."""
     b, t, _ = x.shape
+    scores, v = _attention_scores(cfg, w, p, x)
+    scores = scores + np.triu(np.full((t, t), -np.inf, np.float32), 1)
+    scores = np.exp(scores - scores.max(-1, keepdims=True))
+    scores /= scores.sum(-1, keepdims=True)
+    return (scores @ v).transpose(0, 2, 1, 3).reshape(b, t, cfg.num_attention_heads * cfg.v_head_dim)
+
+
+def _score_spread(scores: np.ndarray) -> float:
+    """Typical spread of one query's attention logits over the keys it sees (causal), averaged over queries."""
+    t = scores.shape[-1]
+    causal = np.tril(np.ones((t, t), bool))
+    n = causal.sum(-1)
+    mean = np.where(causal, scores, 0).sum(-1) / n
+    var = np.where(causal, (scores - mean[..., None]) ** 2, 0).sum(-1) / n
+    return float(np.mean(np.sqrt(var[..., t // 4:])))
+
+
+def _attention_scores(cfg: ModelConfig, w: dict, p: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MLA attention logits [B, n, T, T] (scaled, unmasked) and values [B, n, T, v] for x [B, T, H]."""
+    b, t, _ = x.shape
     n, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     q = _rmsnorm(x @ w[f"{p}.q_a_proj.weight"].T, w[f"{p}.q_a_layernorm.weight"], MLA_NORM_EPS)
     q = (q @ w[f"{p}.q_b_proj.weight"].T).reshape(b, t, n, dn + dr).transpose(0, 2, 1, 3)
@@ -268,10 +359,7 @@ def _attention(cfg: ModelConfig, w: dict, p: str, x: np.ndarray) -> np.ndarray:
     q_rope = _rope(q[..., dn:], pos, cfg.rope_theta)
     k_rope = _rope(k_rope[:, None], pos, cfg.rope_theta)
     scores = (q[..., :dn] @ k_nope.transpose(0, 1, 3, 2) + q_rope @ k_rope.transpose(0, 1, 3, 2))
-    scores = scores * cfg.softmax_scale + np.triu(np.full((t, t), -np.inf, np.float32), 1)
-    scores = np.exp(scores - scores.max(-1, keepdims=True))
-    scores /= scores.sum(-1, keepdims=True)
-    return (scores @ v).transpose(0, 2, 1, 3).reshape(b, t, n * dv)
+    return scores * np.float32(cfg.softmax_scale), v
 
 
 def _mlp_hidden(w: dict, p: str, x: np.ndarray) -> np.ndarray:
@@ -311,6 +399,7 @@ def _moe_parts(cfg: ModelConfig, w: dict, p: str, x: np.ndarray) -> tuple[np.nda
 
 # ---- weight generation -----------------------------------------------------------------------------------------
 SUBLAYER_SCALE = 0.4  # each sublayer adds about this fraction of the residual's typical magnitude
+ATTENTION_SPREAD = 4.0  # typical spread (std over the keys) of one query's attention logits
 ROUTER_LOGIT_STD = 1.0
 BIGRAM_FRACTION = 0.375  # share of the hidden channels carrying the bigram factors (96 of 256, 384 of 1024)
 
@@ -328,6 +417,7 @@ class _Builder:
         self.h = cfg.hidden_size
         self.ordinary = np.array([c for c in range(self.h) if c not in set(self.planted.special)])
         self.tokens = self._stats_tokens()
+        self.positions_ids = self.tokens  # the token whose embedding each position's planted channels come from
         self.report: dict = {"layers": {}}
 
     # -- random helpers
@@ -343,18 +433,19 @@ class _Builder:
     def linear(self, name: str, out_f: int, in_f: int) -> np.ndarray:
         return self.normal(name, (out_f, in_f), in_f ** -0.5)
 
-    def reads_residual(self, w: np.ndarray, gains: dict[int, float]) -> np.ndarray:
-        """Columns of a linear that reads the normed residual: tiny on massive channels, damped on gained ones."""
+    def reads_residual(self, w: np.ndarray) -> np.ndarray:
+        """Columns of a linear that reads the normed residual: tiny on the massive channels (a bias-like input).
+
+        Amplified channels are read with ordinary weights: outlier features carry signal, as in trained models
+        (so weight-only int8 stays as accurate relative to the output as without them)."""
         for c, a in self.planted.massive.items():
             w[:, c] *= MASSIVE_READ / abs(a)
-        for c, g in gains.items():
-            w[:, c] /= np.sqrt(g)
         return w
 
     def writes_residual(self, w: np.ndarray) -> np.ndarray:
-        """Rows of o_proj/down_proj: almost nothing into the massive channels, so they persist."""
-        for c in self.planted.massive:
-            w[c, :] *= 0.01
+        """Rows of o_proj/down_proj: almost nothing into the massive and offset channels, so they persist."""
+        for c in self.planted.special:
+            w[c, :] *= PLANTED_WRITE
         return w
 
     # -- calibration-like tokens for the statistics pass
@@ -397,10 +488,12 @@ class _Builder:
         self.bigram_channels = self.ordinary[:r]
         emb[:n_tok, self.bigram_channels] = x.astype(np.float32)
         jitter = self.normal("embed-massive-jitter", (cfg.vocab_size, len(self.planted.massive)), 0.03)
+        rows = np.array(sorted(self.planted.massive_tokens))
         for j, (c, a) in enumerate(self.planted.massive.items()):
-            emb[:, c] = a * (1.0 + jitter[:, j])
-        for c, m in self.planted.offset.items():
-            emb[:, c] += m
+            emb[rows, c] = a * (1.0 + jitter[rows, j])  # other tokens keep an ordinary value there
+        spread = self.normal("embed-offset-spread", (cfg.vocab_size, len(self.planted.offset)), OFFSET_STD)
+        for j, (c, m) in enumerate(self.planted.offset.items()):
+            emb[:, c] = m + spread[:, j]
         y_full = np.zeros((cfg.vocab_size, r), np.float32)
         y_full[:n_tok] = y
         uni_full = np.full(cfg.vocab_size, -30.0, np.float32)  # rows past the tokenizer: never predicted
@@ -416,25 +509,29 @@ class _Builder:
         w: dict[str, np.ndarray] = {}
         in_gain, post_gain, qa_gain = pl.input_norm_gain[layer], pl.post_norm_gain[layer], pl.q_a_norm_gain[layer]
         w[f"{p}.input_layernorm.weight"] = self.norm_weight(f"{p}.input_layernorm.weight", self.h, in_gain)
-        w[f"{a}.q_a_proj.weight"] = self.reads_residual(self.linear(f"{a}.q_a_proj.weight", cfg.q_lora_rank, self.h),
-                                                        in_gain)
+        w[f"{a}.q_a_proj.weight"] = self.reads_residual(self.linear(f"{a}.q_a_proj.weight", cfg.q_lora_rank, self.h))
         w[f"{a}.q_a_layernorm.weight"] = self.norm_weight(f"{a}.q_a_layernorm.weight", cfg.q_lora_rank, qa_gain)
-        q_b = self.linear(f"{a}.q_b_proj.weight", cfg.num_attention_heads * cfg.qk_head_dim, cfg.q_lora_rank)
-        for c, g in qa_gain.items():
-            q_b[:, c] /= np.sqrt(g)
-        w[f"{a}.q_b_proj.weight"] = q_b
+        w[f"{a}.q_b_proj.weight"] = self.linear(f"{a}.q_b_proj.weight", cfg.num_attention_heads * cfg.qk_head_dim,
+                                                cfg.q_lora_rank)
         w[f"{a}.kv_a_proj_with_mqa.weight"] = self.reads_residual(
-            self.linear(f"{a}.kv_a_proj_with_mqa.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim, self.h), in_gain)
+            self.linear(f"{a}.kv_a_proj_with_mqa.weight", cfg.kv_lora_rank + cfg.qk_rope_head_dim, self.h))
         w[f"{a}.kv_a_layernorm.weight"] = self.norm_weight(f"{a}.kv_a_layernorm.weight", cfg.kv_lora_rank)
-        w[f"{a}.kv_b_proj.weight"] = self.linear(
-            f"{a}.kv_b_proj.weight", cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-            cfg.kv_lora_rank)
-        w[f"{a}.o_proj.weight"] = self.writes_residual(
-            self.linear(f"{a}.o_proj.weight", self.h, cfg.num_attention_heads * cfg.v_head_dim))
+        kv_b = self.linear(f"{a}.kv_b_proj.weight", cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                           cfg.kv_lora_rank)
+        o = self.writes_residual(self.linear(f"{a}.o_proj.weight", self.h, cfg.num_attention_heads * cfg.v_head_dim))
+        for c, g in pl.v_gain[layer].items():  # value channel c (of head c // v_head_dim) amplified
+            head, d = divmod(c, cfg.v_head_dim)
+            kv_b[head * (cfg.qk_nope_head_dim + cfg.v_head_dim) + cfg.qk_nope_head_dim + d] *= np.float32(g)
+        w[f"{a}.kv_b_proj.weight"] = kv_b
+        w[f"{a}.o_proj.weight"] = o
 
         stats: dict = {}
         target = SUBLAYER_SCALE * self._typical(hidden)
         x = _rmsnorm(hidden, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
+        if ATTENTION_SPREAD:  # queries scaled so attention is as peaked as in a trained model
+            f = _round3(ATTENTION_SPREAD / _score_spread(_attention_scores(cfg, w, a, x)[0]))
+            w[f"{a}.q_b_proj.weight"] *= np.float32(f)
+            stats["attention_spread"] = round(_score_spread(_attention_scores(cfg, w, a, x)[0]), 3)
         attn = _attention(cfg, w, a, x) @ w[f"{a}.o_proj.weight"].T
         f = _round3(target / self._typical(attn))
         w[f"{a}.o_proj.weight"] *= np.float32(f)
@@ -446,15 +543,15 @@ class _Builder:
         flat = x.reshape(-1, self.h)
         if cfg.is_moe_layer(layer):
             m = f"{p}.mlp"
-            gate = self.reads_residual(self.linear(f"{m}.gate.weight", cfg.n_routed_experts, self.h), post_gain)
+            gate = self.reads_residual(self.linear(f"{m}.gate.weight", cfg.n_routed_experts, self.h))
             gate *= np.float32(_round3(ROUTER_LOGIT_STD / float(np.std(flat @ gate.T))))
             w[f"{m}.gate.weight"] = gate
             w[f"{m}.gate.e_score_correction_bias"] = self.normal(f"{m}.gate.e_score_correction_bias",
                                                                  (cfg.n_routed_experts,), 0.02)
             inter = cfg.moe_intermediate_size
             for e in range(cfg.n_routed_experts):
-                self._mlp_weights(w, f"{m}.experts.{e}", inter, post_gain)
-            self._mlp_weights(w, f"{m}.shared_experts", inter * cfg.n_shared_experts, post_gain)
+                self._mlp_weights(w, f"{m}.experts.{e}", inter)
+            self._mlp_weights(w, f"{m}.shared_experts", inter * cfg.n_shared_experts)
             routed, shared, ids = _moe_parts(cfg, w, p, flat)
             out = (routed + shared).reshape(hidden.shape)
             load = np.bincount(ids.ravel(), minlength=cfg.n_routed_experts) / ids.size
@@ -463,7 +560,7 @@ class _Builder:
             downs = [f"{m}.experts.{e}.down_proj.weight" for e in range(cfg.n_routed_experts)]
             downs.append(f"{m}.shared_experts.down_proj.weight")
         else:
-            self._mlp_weights(w, f"{p}.mlp", cfg.intermediate_size, post_gain)
+            self._mlp_weights(w, f"{p}.mlp", cfg.intermediate_size)
             out = _mlp_hidden(w, f"{p}.mlp", flat) @ w[f"{p}.mlp.down_proj.weight"].T
             out = out.reshape(hidden.shape)
             downs = [f"{p}.mlp.down_proj.weight"]
@@ -472,15 +569,15 @@ class _Builder:
             w[name] *= np.float32(f)
         hidden = hidden + out * np.float32(f)
         stats["residual_typical"] = round(self._typical(hidden), 4)
-        stats["residual_massive"] = [round(float(np.mean(hidden[..., c])), 2) for c in self.planted.massive]
+        on = np.isin(self.positions_ids, list(self.planted.massive_tokens))
+        stats["residual_massive"] = [round(float(np.mean(hidden[..., c][on])), 2) for c in self.planted.massive]
+        stats["residual_offset"] = [round(float(np.mean(hidden[..., c])), 2) for c in self.planted.offset]
         self.report["layers"][layer] = stats
         return w, hidden
 
-    def _mlp_weights(self, w: dict, prefix: str, inter: int, gains: dict[int, float]) -> None:
-        w[f"{prefix}.gate_proj.weight"] = self.reads_residual(self.linear(f"{prefix}.gate_proj.weight", inter, self.h),
-                                                              gains)
-        w[f"{prefix}.up_proj.weight"] = self.reads_residual(self.linear(f"{prefix}.up_proj.weight", inter, self.h),
-                                                            gains)
+    def _mlp_weights(self, w: dict, prefix: str, inter: int) -> None:
+        w[f"{prefix}.gate_proj.weight"] = self.reads_residual(self.linear(f"{prefix}.gate_proj.weight", inter, self.h))
+        w[f"{prefix}.up_proj.weight"] = self.reads_residual(self.linear(f"{prefix}.up_proj.weight", inter, self.h))
         w[f"{prefix}.down_proj.weight"] = self.writes_residual(self.linear(f"{prefix}.down_proj.weight", self.h,
                                                                            inter))
 
@@ -505,14 +602,24 @@ class _Builder:
             yield from self.mtp_layer(layer, emb, hidden, head, final_norm)
 
     def head(self, hidden, final_norm, y, unigram, name) -> np.ndarray:
-        """lm_head: bigram factors on the bigram channels, unigram on the first massive channel."""
-        x = _rmsnorm(hidden, final_norm, self.cfg.rms_norm_eps)
+        """lm_head: bigram factors on the bigram channels; the unigram log-probability on the planted channels.
+
+        The offset channels (every token) and the massive channels (bos, delimiters) are nearly constant: the
+        head reads them as a bias, with weights fitted (least squares over the statistics tokens) so that their
+        combination is 1 on every token.
+        """
+        x = _rmsnorm(hidden, final_norm, self.cfg.rms_norm_eps).reshape(-1, self.h)
         rms = np.sqrt(np.mean(hidden ** 2, axis=-1))
         head = self.normal(name, (self.cfg.vocab_size, self.h), 0.02 / np.sqrt(self.h))
         bc = self.bigram_channels
         head[:, bc] = y * (float(np.median(rms)) / final_norm[bc])[None, :]
-        c0 = next(iter(self.planted.massive))
-        head[:, c0] = unigram / float(np.mean(x[..., c0]))
+        sc = np.array(self.planted.special)
+        xs = x[:, sc].astype(np.float64)
+        coef = np.linalg.lstsq(xs, np.ones(len(xs)), rcond=None)[0]
+        coef = np.array([_round3(c) for c in coef])
+        head[:, sc] = (unigram[:, None] * coef[None, :]).astype(np.float32)
+        fit = xs @ coef
+        self.report["unigram_carrier"] = {"mean": round(float(fit.mean()), 4), "std": round(float(fit.std()), 4)}
         return head
 
     def mtp_layer(self, layer, emb, hidden, head, final_norm) -> Iterator[tuple[str, np.ndarray]]:
@@ -520,6 +627,7 @@ class _Builder:
         enorm = self.norm_weight(f"{p}.enorm.weight", self.h)
         hnorm = self.norm_weight(f"{p}.hnorm.weight", self.h)
         nxt = np.concatenate([self.tokens[:, 1:], self.tokens[:, -1:]], axis=1)  # the token after each position
+        self.positions_ids = nxt
         e_in = _rmsnorm(emb[nxt], enorm, cfg.rms_norm_eps)
         h_in = _rmsnorm(hidden, hnorm, cfg.rms_norm_eps)
         both = np.concatenate([e_in, h_in], axis=-1)
@@ -563,47 +671,106 @@ def _int8_rows(w: np.ndarray) -> np.ndarray:
     return _fake_int8(w, np.maximum(np.abs(w).max(1, keepdims=True), 1e-12) / 127)
 
 
+def _fake_uint8_tensor(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Static per-tensor asymmetric int8 on the calibrated range [lo, hi] (which covers 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, 1e-12) / 255
+    zp = np.round(-128 - lo / scale)
+    return (np.clip(np.round(x / scale) + zp, -128, 127) - zp) * scale
+
+
+def _quant_errors(x: np.ndarray, w: np.ndarray, osplus_grid: int = 20) -> dict:
+    """Relative output error ||y_q - y|| / ||y|| of one linear group (y = x w^T) under each activation scheme.
+
+    Weights are int8 per output channel throughout. Activations: none (weight-only); static per-tensor asymmetric
+    int8 on the calibrated range, as is ("per_tensor"), after SmoothQuant (alpha 0.5), after OS+ (per-channel shift
+    to the range's midpoint, then channels above a threshold scaled down to it; the threshold searched on this
+    output error over a 20-point grid); dynamic per-token symmetric int8 (absmax / 127, no smoothing).
+    """
+    x = x.astype(np.float64)
+    ref = x @ w.T
+
+    def rel(y):
+        return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+    def static(xt, wt, shift=None):
+        yq = _fake_uint8_tensor(xt, float(xt.min()), float(xt.max())) @ _int8_rows(wt).T
+        return yq if shift is None else yq + w @ shift  # the shift is added back exactly (through the bias)
+
+    amax = np.abs(x).max(0)
+    s = np.sqrt(amax) / np.sqrt(np.maximum(np.abs(w).max(0), 1e-5))
+    s = np.where(amax > 0, s, 1.0)
+    z = (x.max(0) + x.min(0)) / 2
+    half = (x.max(0) - x.min(0)) / 2
+    best = np.inf
+    for t in np.linspace(half.max(), half[half > 0].min(), osplus_grid):
+        so = np.maximum(1.0, half / t)
+        best = min(best, rel(static((x - z) / so, w * so, z)))
+    dyn = np.maximum(np.abs(x).max(1, keepdims=True), 1e-12) / 127
+    return {
+        "weight_only": rel(x @ _int8_rows(w).T),
+        "per_tensor": rel(static(x, w)),
+        "smoothquant": rel(static(x / s, w * s)),
+        "osplus": best,
+        "dynamic": rel(_fake_int8(x, dyn) @ _int8_rows(w).T),
+    }
+
+
 def outlier_report(size: str = "tiny", seed: int = 0, texts: list[str] | None = None) -> dict:
     """Measure the planted outliers at the first decoder layer, in numpy, without writing a checkpoint.
 
-    The inputs of q_a_proj / kv_a_proj_with_mqa (= input_layernorm(embeddings) of ``texts``, by default the
-    tokenizer corpus) are summarised per channel, and the relative error ||x W^T - y||/||x W^T|| of the fused
-    q_a+kv_a output is computed for: int8 per-channel weights only; plus static per-tensor int8 activations;
-    plus the same after SmoothQuant (alpha 0.5) folded into the norm.
+    The attention (MLA) input ``input_layernorm(embeddings)``, read by q_a_proj + kv_a_proj_with_mqa, and the FFN
+    input ``post_attention_layernorm(...)`` of the same layer, read by the dense MLP's gate_proj + up_proj, are
+    taken over ``texts`` (by default the tokenizer corpus), summarised per channel and per token, and the relative
+    error of each group's output is computed under each activation scheme (see ``_quant_errors``).
     """
     cfg = size_config(size)
     b = _Builder(cfg, seed)
     emb, _, _ = b.embeddings()
     if texts is not None:
         tok = build_tokenizer(TOKENIZER_VOCAB)
-        ids = np.concatenate([tok.encode(t).ids for t in texts])
+        ids = np.array([tok.encode(t).ids for t in texts], dtype=object)
+        seqs = [np.asarray(s, np.int64)[None] for s in ids]
     else:
-        ids = b.tokens.ravel()
+        seqs = [b.tokens]
     w, _ = b.layer(0, emb[b.tokens])
-    x = _rmsnorm(emb[ids], w["model.layers.0.input_layernorm.weight"], cfg.rms_norm_eps)
-    wq = np.concatenate([w["model.layers.0.self_attn.q_a_proj.weight"],
-                         w["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]])
-    ref = x @ wq.T
-    amax = np.abs(x).max(0)
-
-    def rel(y):
-        return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-
-    s = np.sqrt(amax) / np.sqrt(np.maximum(np.abs(wq).max(0), 1e-5))  # SmoothQuant, alpha = 0.5
-    xs, ws = x / s, wq * s
-    order = np.argsort(-amax)
+    p = "model.layers.0"
+    xs, fs = [], []
+    for s in seqs:
+        h = emb[s]
+        x = _rmsnorm(h, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
+        h = h + _attention(cfg, w, f"{p}.self_attn", x) @ w[f"{p}.self_attn.o_proj.weight"].T
+        xs.append(x.reshape(-1, b.h))
+        fs.append(_rmsnorm(h, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps).reshape(-1, b.h))
+    x, f = np.concatenate(xs), np.concatenate(fs)
+    ids = np.concatenate([s.ravel() for s in seqs])
+    on = np.isin(ids, list(b.planted.massive_tokens))
+    w_mla = np.concatenate([w[f"{p}.self_attn.q_a_proj.weight"], w[f"{p}.self_attn.kv_a_proj_with_mqa.weight"]])
+    w_ffn = np.concatenate([w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"]])
     planted = b.planted
+
+    def summary(a):
+        amax = np.abs(a).max(0)
+        tok_max = np.abs(a).max(1)
+        return {"absmax_max": float(amax.max()), "absmax_median": float(np.median(amax)),
+                "absmax_ratio": float(amax.max() / np.median(amax)),
+                "top_channels": [int(c) for c in np.argsort(-amax)[:8]],
+                "token_absmax_median": float(np.median(tok_max[~on])),
+                "token_absmax_massive_tokens": float(np.median(tok_max[on])) if on.any() else None}
+
+    mla, ffn = summary(x), summary(f)
+    mla.update({f"rel_err_{k}": v for k, v in _quant_errors(x, w_mla).items()})
+    ffn.update({f"rel_err_{k}": v for k, v in _quant_errors(f, w_ffn).items()})
     return {
-        "tokens": int(len(ids)),
-        "absmax_max": float(amax.max()), "absmax_median": float(np.median(amax)),
-        "absmax_ratio": float(amax.max() / np.median(amax)),
-        "top_channels": [int(c) for c in order[:8]],
-        "massive_channels": {int(c): float(np.mean(x[:, c])) for c in planted.massive},
-        "offset_channels": {int(c): [float(np.mean(x[:, c])), float(np.std(x[:, c]))] for c in planted.offset},
-        "ordinary_std": float(np.std(x[:, b.ordinary])),
-        "rel_err_weight_only": rel(x @ _int8_rows(wq).T),
-        "rel_err_per_tensor": rel(_fake_int8(x, amax.max() / 127) @ _int8_rows(wq).T),
-        "rel_err_smoothquant": rel(_fake_int8(xs, np.abs(xs).max() / 127) @ _int8_rows(ws).T),
+        "tokens": int(len(ids)), "massive_tokens": int(on.sum()),
+        **{k: mla[k] for k in ("absmax_max", "absmax_median", "absmax_ratio", "top_channels")},
+        "massive_channels": {int(c): [float(np.mean(x[on, c])), float(np.mean(np.abs(x[~on, c])))]
+                             for c in planted.massive},
+        "offset_channels": {int(c): [float(np.mean(x[~on, c])), float(np.std(x[~on, c]))] for c in planted.offset},
+        "ordinary_std": float(np.std(x[~on][:, b.ordinary])),
+        "rel_err_weight_only": mla["rel_err_weight_only"], "rel_err_per_tensor": mla["rel_err_per_tensor"],
+        "rel_err_smoothquant": mla["rel_err_smoothquant"],
+        "mla": mla, "ffn": ffn,
     }
 
 

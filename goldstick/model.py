@@ -178,6 +178,52 @@ class Attention(nn.Cell):
         out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, s, self.n_heads * self.v_dim)
         return self.o_proj(out)
 
+    def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: "KVCache",
+                       layer: int) -> Tensor:
+        """Attention of S new tokens over the cached ones plus themselves, appending them to ``cache``.
+
+        x [B,S,hidden]; cos/sin [B,1,S,rope/2] at the new tokens' positions; mask [B,1,S,C] bool over the cache's
+        C slots (cached + new keys, then unfilled ones), True where attention is forbidden. The cache keeps only
+        what R1 serving keeps: the normed latent kv_a_layernorm(c_kv) [B,C,kv_lora_rank] and the roped shared key
+        k_pe [B,C,rope].
+
+        With a float kv_b_proj the weight is absorbed (the official demo's and vLLM's MLA): W_UK folds into the
+        query (q_nope . W_UK scores directly against the latent) and W_UV is applied after the softmax to the
+        attended latent, so no per-head K/V is ever formed. A kv_b_proj quantized with activation quantization
+        (W8A8) cannot be folded exactly, so then the cached latent is expanded through the cell every step.
+        """
+        b, s, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q = q.reshape(b, s, self.n_heads, self.nope + self.rope).transpose(0, 2, 1, 3)
+        q_nope, q_rope = q[..., : self.nope], q[..., self.nope:]
+        q_rope = apply_rope(q_rope, cos, sin, self.cfg.rope_interleave)
+
+        compressed = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(compressed[..., : self.kv_lora_rank])
+        k_rope = apply_rope(compressed[..., self.kv_lora_rank:].reshape(b, 1, s, self.rope), cos, sin,
+                            self.cfg.rope_interleave).reshape(b, s, self.rope)
+        latent, k_rope = cache.append(layer, latent, k_rope)  # [B,C,r], [B,C,rope]
+        t = latent.shape[1]
+
+        rope_scores = ops.matmul(q_rope, k_rope.reshape(b, 1, t, self.rope).transpose(0, 1, 3, 2))
+        absorbed = cache.absorbed_weights(layer, self) if cache.absorb else None
+        if absorbed is not None:
+            w_uk, w_uv_t = absorbed  # [H, nope, r], [H, r, v]
+            latent_t = latent.reshape(b, 1, t, self.kv_lora_rank)
+            scores = ops.matmul(ops.matmul(q_nope, w_uk), latent_t.transpose(0, 1, 3, 2)) + rope_scores
+            scores = ops.masked_fill(scores * self.softmax_scale, mask, MASKED_SCORE)
+            probs = ops.softmax(scores, -1)
+            out = ops.matmul(ops.matmul(probs, latent_t), w_uv_t)  # [B,H,S,r] -> [B,H,S,v]
+        else:
+            kv = self.kv_b_proj(latent).reshape(b, t, self.n_heads, self.nope + self.v_dim).transpose(0, 2, 1, 3)
+            k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
+            scores = ops.matmul(q_nope, k_nope.transpose(0, 1, 3, 2)) + rope_scores
+            scores = ops.masked_fill(scores * self.softmax_scale, mask, MASKED_SCORE)
+            probs = ops.softmax(scores, -1)
+            out = ops.matmul(probs, v)
+        out = out.transpose(0, 2, 1, 3).reshape(b, s, self.n_heads * self.v_dim)
+        return self.o_proj(out)
+
 
 # ------------------------------------------------------------------------------------------------ feed-forward
 class MLP(nn.Cell):
@@ -227,6 +273,13 @@ class Router(nn.Cell):
         return weights * cfg.routed_scaling_factor, ids
 
 
+def expert_bucket(rows: int) -> int:
+    """Row count an expert runs on: rounded up to a quarter of its power of two (at most +25 % work, a few dozen
+    distinct shapes in all)."""
+    step = max(8, 2 ** (rows.bit_length() - 3))
+    return -(-rows // step) * step
+
+
 class MoE(nn.Cell):
     """Routed experts (each an MLP with its own HF-named linears) plus shared experts.
 
@@ -245,11 +298,16 @@ class MoE(nn.Cell):
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
         # Set by calibration: also run every expert on every token (for statistics) without changing the output.
         self.observe_all_experts = False
+        # Set by goldstick.ascend.group_routed_experts: ``experts`` is then one grouped-matmul cell (Ascend).
+        self.grouped = False
 
     def construct(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids = self.gate(flat)
+        if self.grouped:
+            out = self.experts(flat, weights, ids)
+            return (out + self.shared_experts(flat) if self.has_shared else out).reshape(shape)
         ids_np, weights_np = ids.asnumpy(), weights.asnumpy()
         out = ops.zeros_like(flat)
         for e, expert in enumerate(self.experts):
@@ -259,7 +317,11 @@ class MoE(nn.Cell):
             if rows.size == 0:
                 continue
             rows_t = Tensor(rows.astype(np.int32))
-            y = expert(ops.gather(flat, rows_t, 0))
+            # Run the expert on a bucketed row count (the last row repeated): PyNative caches per-op state for every
+            # new shape, and exact per-expert counts would make that cache grow with every layer. Repeating a real
+            # row leaves min/max statistics unchanged, and rows are independent, so the kept outputs are exact.
+            padded = np.concatenate([rows, np.full(expert_bucket(rows.size) - rows.size, rows[-1])])
+            y = expert(ops.gather(flat, Tensor(padded.astype(np.int32)), 0))[: rows.size]
             out = ops.index_add(out, rows_t, y * Tensor(weights_np[rows, slots].reshape(-1, 1)), 0)
         if self.has_shared:
             out = out + self.shared_experts(flat)
@@ -280,6 +342,10 @@ class DecoderLayer(nn.Cell):
 
     def construct(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_cached(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: "KVCache") -> Tensor:
+        h = h + self.self_attn.forward_cached(self.input_layernorm(h), cos, sin, mask, cache, self.layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -324,6 +390,93 @@ def positions_and_mask(input_ids: Tensor, attention_mask: Tensor | None) -> tupl
     return Tensor(np.ascontiguousarray(positions)), Tensor(np.ascontiguousarray(forbidden))
 
 
+class KVCache:
+    """The decode cache of MLA's compressed latent, as R1 serving keeps it (not per-head K/V).
+
+    Per layer: ``latent`` [B, C, kv_lora_rank], the normed kv_a_layernorm(c_kv), and ``k_rope`` [B, C, rope], the
+    roped shared key, of which the first ``length`` positions are filled. The capacity C grows in blocks of
+    ``block`` positions and the unfilled slots are masked: PyNative keeps per-op state for every new shape, so a
+    cache that grew one position per step would add a shape (and megabytes) per generated token.
+    ``real`` [B, length] (numpy bool) marks real tokens (False = left padding); a row's next position is its
+    count of real tokens, so positions continue exactly as in the uncached forward. With ``absorb`` (the default)
+    a float kv_b_proj is folded into the query/output per head; the folded weights are taken from the network
+    when first needed by this cache, so a cache never sees stale weights from before a weight update.
+    """
+
+    def __init__(self, num_layers: int, batch: int, absorb: bool = True, block: int = 64):
+        self.absorb = absorb
+        self.block = block
+        self.latent: list[Tensor | None] = [None] * num_layers
+        self.k_rope: list[Tensor | None] = [None] * num_layers
+        self.real = np.zeros((batch, 0), dtype=bool)
+        self.capacity = 0
+        self._write_at = 0
+        self._absorbed: dict[int, tuple[Tensor, Tensor] | None] = {}
+
+    @property
+    def batch(self) -> int:
+        return self.real.shape[0]
+
+    @property
+    def length(self) -> int:
+        """Cached positions (including left padding)."""
+        return self.real.shape[1]
+
+    def append(self, layer: int, latent: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new tokens' entries of one layer (after ``step_inputs``); returns the layer's whole buffers
+        [B, capacity, .] (slots past ``length`` are zeros, masked by ``step_inputs``)."""
+        start, end = self._write_at, self._write_at + latent.shape[1]
+        for store, new in ((self.latent, latent), (self.k_rope, k_rope)):
+            buf = store[layer]
+            if buf is None or buf.shape[1] < self.capacity:
+                grown = ops.zeros((new.shape[0], self.capacity, new.shape[2]), new.dtype)
+                if buf is not None:
+                    grown[:, : buf.shape[1]] = buf
+                store[layer] = buf = grown
+            buf[:, start:end] = new
+        return self.latent[layer], self.k_rope[layer]
+
+    def step_inputs(self, attention_mask: np.ndarray) -> tuple[Tensor, Tensor]:
+        """For S new tokens with padding mask [B, S] (1 = real): their positions [B, S] and the forbidden mask
+        [B, 1, S, capacity] over cached plus new keys (padded, future and unfilled slots). Records the tokens."""
+        new_real = np.asarray(attention_mask).astype(bool)
+        b, s = new_real.shape
+        if b != self.batch:
+            raise ValueError(f"the cache holds {self.batch} sequences, the step has {b}")
+        past = self.length
+        positions = self.real.sum(1, keepdims=True) + np.cumsum(new_real, axis=1) - 1
+        positions = np.maximum(positions, 0).astype(np.int32)
+        self.real = np.concatenate((self.real, new_real), axis=1)
+        self._write_at = past
+        self.capacity = max(self.capacity, -(-(past + s) // self.block) * self.block)
+        keys = np.zeros((b, self.capacity), dtype=bool)
+        keys[:, : past + s] = self.real
+        future = np.arange(self.capacity)[None, :] > (past + np.arange(s))[:, None]  # [S, C]
+        forbidden = future[None, None] | ~keys[:, None, None, :]
+        return Tensor(np.ascontiguousarray(positions)), Tensor(np.ascontiguousarray(forbidden))
+
+    def absorbed_weights(self, layer: int, attn: "Attention") -> tuple[Tensor, Tensor] | None:
+        """(W_UK [H, nope, r], W_UV^T [H, r, v]) from a float kv_b_proj; None when it cannot be folded exactly."""
+        if layer not in self._absorbed:
+            weight = _float_weight(attn.kv_b_proj)
+            if weight is None:
+                self._absorbed[layer] = None
+            else:
+                w = weight.reshape(attn.n_heads, attn.nope + attn.v_dim, attn.kv_lora_rank)
+                self._absorbed[layer] = (w[:, : attn.nope, :], w[:, attn.nope:, :].transpose(0, 2, 1))
+        return self._absorbed[layer]
+
+
+def _float_weight(cell: nn.Cell) -> Tensor | None:
+    """The [out, in] float weight W with cell(x) == x @ W.T exactly, if the cell is linear in x: a float Linear
+    or a weight-only (W8A16) cell. Cells that quantize their input are not, so they get None."""
+    if isinstance(cell, Linear):
+        return cell.weight
+    if getattr(cell, "scheme", None) == "w8a16" and hasattr(cell, "weight_as_float"):
+        return cell.weight_as_float()
+    return None
+
+
 class Model(nn.Cell):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -349,6 +502,31 @@ class DeepseekV3ForCausalLM(nn.Cell):
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask)
+        return self.lm_head(self.model.norm(h))
+
+    def new_cache(self, batch: int = 1, absorb: bool = True, block: int = 64) -> KVCache:
+        return KVCache(self.config.num_hidden_layers, batch, absorb=absorb, block=block)
+
+    def forward_cached(self, input_ids: Tensor, cache: KVCache, attention_mask: np.ndarray | None = None,
+                       last_only: bool = False) -> Tensor:
+        """Logits [B, S, vocab] of S new tokens that follow the ones in ``cache`` (which they are added to).
+
+        ``attention_mask`` [B, S] (1 = real, 0 = left padding) covers the new tokens only; the cache remembers
+        earlier padding. The first call (empty cache) is the prefill. ``last_only`` runs the final norm and
+        lm_head on the last position only ([B, 1, vocab]), which is all a decode step needs.
+        """
+        b, s = input_ids.shape
+        if attention_mask is None:
+            attention_mask = np.ones((b, s), dtype=bool)
+        elif isinstance(attention_mask, Tensor):
+            attention_mask = attention_mask.asnumpy()
+        positions, mask = cache.step_inputs(attention_mask)
+        cos, sin = self.rotary(positions)
+        h = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            h = layer.forward_cached(h, cos, sin, mask, cache)
+        if last_only:
+            h = h[:, -1:, :]
         return self.lm_head(self.model.norm(h))
 
     # ---- weights -------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ so the exported checkpoint, loaded by ``load_model``, reproduces the engine's qu
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -50,6 +52,9 @@ QUANT_TENSOR_DTYPES = {
     "weight": np.int8, "deq_scale": np.float32, "quant_bias": np.int32, "input_scale": BF16,
     "input_offset": np.int8, "beta": BF16, "weight_scale": BF16, "weight_offset": np.int32,
 }
+
+
+_EXPERT = re.compile(r".*\.mlp\.experts\.(\d+)\.")
 
 
 class QuantizeError(RuntimeError):
@@ -432,7 +437,10 @@ class LayerQuantizer:
             if name in sums and sums[name][0] > 0:
                 signal, noise = sums[name]
                 info["sqnr_db"] = _round(10 * np.log10(signal / noise)) if noise > 0 else "inf"
-            if name in self.stats and self.stats[name].tokens:
+            expert = _EXPERT.match(name)
+            if expert and self.expert_tokens is not None:  # routed coverage (hooks also see bucket padding rows)
+                info["tokens"] = int(self.expert_tokens[int(expert.group(1))])
+            elif name in self.stats and self.stats[name].tokens:
                 info["tokens"] = int(self.stats[name].tokens)
             if name in self.transforms:
                 t = self.transforms[name]
@@ -449,6 +457,7 @@ class LayerQuantizer:
         if self.expert_tokens is not None:
             self.report["expert_tokens"] = [int(t) for t in self.expert_tokens]
             self.report["experts_without_tokens"] = [int(e) for e in getattr(self, "unseen", [])]
+            self.report["experts_observed_on_all_tokens"] = bool(self.recipe.options.moe_calibrate_all_experts)
         return outputs
 
     def tensors(self) -> dict[str, np.ndarray]:
@@ -516,12 +525,14 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
              out: str | Path | None = None, calibration: str | Path | None = None,
              calib_samples: int | None = None, calib_seq_len: int | None = None, calib_seed: int | None = None,
              resume: bool = False, progress: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-             stop_after_layer: int | None = None) -> QuantizeResult:
+             stop_after_layer: int | None = None, export_format: str = "mindspore") -> QuantizeResult:
     """Quantize a DeepSeek-V3/R1 checkpoint with a recipe; returns the output folder, the plan and the report.
 
     ``model`` None means the embedded default model. ``calibration`` and ``calib_*`` override the recipe's data.
     ``resume`` continues an interrupted run in ``out`` from its last finished layer (same bytes as one run).
     ``stop_after_layer`` stops after that layer, leaving the run resumable (what a kill does, deterministically).
+    ``export_format``: ``mindspore`` (Golden-Stick / vllm-mindspore) or ``compressed-tensors`` (vLLM); a recipe the
+    format cannot hold is refused here, before calibrating (goldstick.export).
     """
     setup_mindspore()
     from .tokenizer import load_tokenizer
@@ -533,11 +544,14 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
     cfg = reader.config
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     plan = recipe.plan(cfg)
+    from .export import check_plan
+
+    check_plan(cfg, plan, export_format)
     if out is None:
         raise QuantizeError("quantize needs an output folder (out=...)")
     out = Path(out)
     work = out / WORK_DIR
-    if out.exists() and any(p for p in out.iterdir() if p.name != WORK_DIR) and not resume:
+    if out.exists() and any(out.iterdir()) and not resume:
         raise QuantizeError(f"{out} is not empty; choose a new folder (or --resume an interrupted run there)")
     if resume and not (work / "state.json").exists():
         if (out / "manifest.json").exists():
@@ -586,11 +600,12 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
         if progress:
             bar.set_postfix_str(f"layer {i}: SQNR {lq.report['sqnr_db']} dB, {time.time() - started:.1f}s")
         del lq, tensors, float_outputs, quant_outputs
+        gc.collect()  # hooks and swapped cells form reference cycles; free the layer now, not later
         if stop_after_layer is not None and i >= stop_after_layer and i < cfg.num_hidden_layers - 1:
             raise QuantizeError(f"stopped after layer {i} as asked; continue with resume=True")
 
     final_logits = _final_logits(reader, hidden[0])
-    report = _assemble(out, work, reader, recipe, plan, calib, max_shard_bytes)
+    report = _assemble(out, work, reader, recipe, plan, calib, max_shard_bytes, export_format)
     return QuantizeResult(out=out, plan=plan, report=report, final_logits=final_logits)
 
 
@@ -621,48 +636,50 @@ def _final_logits(reader: CheckpointReader, hidden: np.ndarray) -> np.ndarray:
 
 
 def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, plan: Plan,
-              calib: CalibrationSet, max_shard_bytes: int) -> dict:
-    """Write the final checkpoint from the per-layer work files, then the metadata, then the manifest."""
+              calib: CalibrationSet, max_shard_bytes: int, export_format: str = "mindspore") -> dict:
+    """Write the final checkpoint from the per-layer work files, then the metadata, then the manifest.
+
+    The engine's tensors are in the mindspore layout; ``export.CheckpointWriter`` writes them in ``export_format``,
+    one layer at a time.
+    """
     from safetensors import safe_open
 
+    from .export import CheckpointWriter, copy_side_files, write_text_atomic
+
     cfg = reader.config
-    labels: dict[str, str] = {}
     layer_reports = []
-    writer = ShardedWriter(out, max_shard_bytes=max_shard_bytes, overwrite=True)
+    writer = CheckpointWriter(out, export_format, cfg, max_shard_bytes)
     try:
         for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-            writer.add(name, bf16_round(reader.read(name)).astype(BF16))
-            labels[name] = "FLOAT"
+            writer.add(name, "FLOAT", bf16_round(reader.read(name)).astype(BF16))
         for i in range(cfg.num_hidden_layers):
             meta = json.loads((work / f"layer-{i:05d}.json").read_text())
             layer_reports.append(meta["report"])
-            labels.update(meta["labels"])
+            labels = meta["labels"]
+            owners: dict[str, dict] = {}
             with safe_open(work / f"layer-{i:05d}.safetensors", framework="numpy") as f:
                 for name in sorted(f.keys()):
-                    writer.add(name, f.get_tensor(name))
-        for name in reader.mtp_tensor_names():  # MTP passes through unquantized (bf16, FP8 dequantized)
+                    if labels[name] == "FLOAT":
+                        writer.add(name, "FLOAT", f.get_tensor(name))
+                    else:
+                        owner, _, local = name.rpartition(".")
+                        owners.setdefault(owner, {})[local] = f.get_tensor(name)
+            for owner, tensors in owners.items():
+                writer.add(owner, labels[f"{owner}.weight"], tensors)
+        # MTP passes through unquantized, in bf16 like every float tensor (FP8 dequantized); the router's
+        # e_score_correction_bias stays float32 as in the decoder layers
+        for name in reader.mtp_tensor_names():
             raw = reader.read_raw(name)
-            writer.add(name, raw if raw.dtype == np.float32 else reader.read(name).astype(BF16))
-            labels[name] = "FLOAT"
-        writer.close(metadata={"quantized_by": "goldstick", "format": "mindspore"})
+            keep_f32 = name.endswith("e_score_correction_bias") and raw.dtype == np.float32
+            writer.add(name, "FLOAT", raw if keep_f32 else reader.read(name).astype(BF16))
     except BaseException:
         writer.abort()
         raise
+    writer.close(what=f"recipe {recipe.name or '(unnamed)'}")
 
-    config = cfg.to_dict()
-    config.pop("quantization_config", None)  # R1's FP8 block config no longer describes these weights
-    config["torch_dtype"] = "bfloat16"
-    config["quantization_config"] = {
-        "quant_method": "golden-stick", "format": "mindspore", "producer": "goldstick",
-        "description_file": "quantization_description.json", "recipe": recipe.name,
-        "schemes": plan.counts_by_label(), "version": FORMAT_VERSION,
-    }
-    write_json_atomic(out / "config.json", config)
-    write_json_atomic(out / "quantization_description.json", dict(sorted(labels.items())))
-    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
-        if (reader.path / extra).exists():
-            shutil.copyfile(reader.path / extra, out / extra)
-    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    writer.write_config(cfg.to_dict(), recipe.name, plan.counts_by_label())
+    copy_side_files(reader.path, out)
+    write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
     report = {
         "recipe": recipe.name,
         "model": str(reader.path),
@@ -671,7 +688,7 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
         "layers": layer_reports,
     }
     write_json_atomic(out / "report.json", report)
-    (out / "report.md").write_text(render_report_md(report))
+    write_text_atomic(out / "report.md", render_report_md(report))
     _write_manifest(out)
     shutil.rmtree(work)
     return report
@@ -690,6 +707,7 @@ def render_report_md(report: dict) -> str:
              f"Model: `{report['model']}`  ",
              f"Calibration: `{report['calibration']['source']}`, {report['calibration']['samples']} samples x "
              f"{report['calibration']['seq_len']} tokens ({report['calibration']['tokens']} tokens)", "",
+             *[f"**Note:** {note}  " for note in report["calibration"].get("notes", [])],
              "## Schemes", "", "| scheme | linears |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["plan"]["counts"].items()]
     lines += ["", "## Layers (output error on calibration data)", "",
