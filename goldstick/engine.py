@@ -148,6 +148,7 @@ class LayerQuantizer:
         self.stats: dict[str, RunningStats] = {}
         self.expert_tokens: np.ndarray | None = None
         self.moe_sample: list[np.ndarray] = []
+        self.routes: list[tuple[np.ndarray, np.ndarray]] = []
         self.transforms: dict[str, Transform] = {}
         self.act_params: dict[str, alg.ActQuantParams] = {}
         self.linear_noise: dict[str, list[float]] = {}
@@ -177,6 +178,7 @@ class LayerQuantizer:
 
             def router_hook(cell, inputs, output):
                 ids = output[1].asnumpy()
+                self.routes.append((output[0].asnumpy(), ids))  # the float routing, reused by the OS+ search
                 self.expert_tokens += np.bincount(ids.reshape(-1), minlength=self.cfg.n_routed_experts)
                 if budget[0] > 0:  # a bounded sample of MoE inputs, for experts that see no token
                     x = inputs[0].asnumpy()[: budget[0]]
@@ -385,11 +387,22 @@ class LayerQuantizer:
         shift = alg.osplus_shift(stats.minimum, stats.maximum)
         lo, hi = alg.osplus_shifted_range(stats.minimum, stats.maximum, shift)
 
+        moe = self.layer.mlp if self.routes else None
+
         def layer_loss(_sample, z, s) -> float:
             t = Transform(s, z, norm)
             for m in members:
                 self._set_static(m, t)
-            outs = self.run(hidden, batches=batches)
+            if moe is not None:
+                # experts chosen as in the float pass: a token switching experts is an all-or-nothing jump in the
+                # loss that would drown the smooth effect of the threshold
+                moe.forced_routing = [(w[: len(ids) * ids.shape[1]], e[: len(ids) * ids.shape[1]])
+                                      for (w, e), (ids, *_) in zip(self.routes, batches)]
+            try:
+                outs = self.run(hidden, batches=batches)
+            finally:
+                if moe is not None:
+                    moe.forced_routing = None
             return float(np.mean([np.mean((o - r) ** 2) for o, r in zip(outs, targets)]))
 
         result = alg.osplus_search_scale(shift, lo, hi, np.zeros((1, shift.size), np.float32), layer_loss,

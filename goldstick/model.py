@@ -300,6 +300,9 @@ class MoE(nn.Cell):
         self.observe_all_experts = False
         # Set by goldstick.ascend.group_routed_experts: ``experts`` is then one grouped-matmul cell (Ascend).
         self.grouped = False
+        # Set by calibration searches: a list of (weights, ids) numpy pairs, one per call, that replace the router's
+        # choice, so a candidate is judged without the noise of tokens switching experts.
+        self.forced_routing: list | None = None
 
     def construct(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -308,7 +311,10 @@ class MoE(nn.Cell):
         if self.grouped:
             out = self.experts(flat, weights, ids)
             return (out + self.shared_experts(flat) if self.has_shared else out).reshape(shape)
-        ids_np, weights_np = ids.asnumpy(), weights.asnumpy()
+        if self.forced_routing:
+            weights_np, ids_np = self.forced_routing.pop(0)
+        else:
+            ids_np, weights_np = ids.asnumpy(), weights.asnumpy()
         out = ops.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             rows, slots = np.nonzero(ids_np == e)
