@@ -10,6 +10,7 @@ import pytest
 from goldstick.config import ModelConfig
 from goldstick.gs_compat import from_golden_stick, gs_cell_names, linear_kind, translate_config, GSConfig
 from goldstick.recipe import RecipeError, Scheme, load_recipe
+from small_configs import small_config
 
 FFN = r".*\.feed_forward\..*"
 FFN_DYNAMIC = {"weight_quant_dtype": "int8", "act_quant_dtype": "int8", "outliers_suppression": "NONE",
@@ -39,13 +40,6 @@ layer_policies:
 """
 
 
-def small_config(**overrides) -> ModelConfig:
-    cfg = dict(hidden_size=64, num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=8, n_group=2,
-               topk_group=1, num_experts_per_tok=2, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
-               qk_nope_head_dim=16, v_head_dim=16, vocab_size=300, num_attention_heads=2, num_key_value_heads=2,
-               intermediate_size=128, moe_intermediate_size=32)
-    cfg.update(overrides)
-    return ModelConfig(**cfg)
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,13 @@ import pytest
 from goldstick.config import ModelConfig
 from goldstick.recipe import (DEFAULT_RECIPE, FEEDING_NORMS, SCHEMES, Calibration, Options, Recipe, RecipeError,
                               Rule, Scheme, fused_groups, load_recipe, shipped_recipes, smoothing_groups)
+from small_configs import small_config
 
 SHIPPED = ["deepseek-r1-w8a16", "deepseek-r1-w8a8-dynamic", "deepseek-r1-w8a8-mixed",
            "deepseek-r1-w8a8-smoothquant", "deepseek-r1-w8a8-static-naive"]
 ALWAYS_FLOAT = ("mlp.gate", "self_attn.kv_b_proj")
 
 
-def small_config(**overrides) -> ModelConfig:
-    cfg = dict(hidden_size=64, num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=8, n_group=2,
-               topk_group=1, num_experts_per_tok=2, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
-               qk_nope_head_dim=16, v_head_dim=16, vocab_size=300, num_attention_heads=2, num_key_value_heads=2,
-               intermediate_size=128, moe_intermediate_size=32)
-    cfg.update(overrides)
-    return ModelConfig(**cfg)
 
 
 @pytest.fixture(scope="module")
