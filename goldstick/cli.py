@@ -212,8 +212,7 @@ def run_main_job(args) -> int:
         shutil.rmtree(quant_dir)
     recipe = args.recipe or DEFAULT_RECIPE
     started = time.time()
-    result = quantize(model, recipe, out=quant_dir, calib_samples=args.calib_samples,
-                      calib_seq_len=args.calib_seq_len)
+    quantize(model, recipe, out=quant_dir, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
     seconds = time.time() - started
     comparison = compare_models(model, quant_dir)
     summary = {"recipe": recipe, "model": str(model), "quantized": str(quant_dir), "quantize_seconds": round(seconds, 1),

@@ -37,14 +37,13 @@ from . import algorithms as alg
 from .calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration
 from .checkpoint import CheckpointReader
 from .files import sha256_file
-from .recipe import Plan, Recipe, Scheme, load_recipe, smoothing_groups
+from .recipe import Plan, Recipe, load_recipe, smoothing_groups
 from .runtime import setup_mindspore
-from .writer import ShardedWriter, write_json_atomic, write_safetensors
+from .writer import write_json_atomic, write_safetensors
 
 WORK_DIR = ".goldstick-work"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30  # Golden-Stick's own 4 GB shard limit
 BF16 = ml_dtypes.bfloat16
-FORMAT_VERSION = 1
 
 # Storage dtype of each quantized-linear tensor in the Golden-Stick / vllm-mindspore layout
 # (notes/golden-stick.md §2.1, §3.2): scales in the bf16 compute dtype, deq_scale fp32, integer biases int32.
