@@ -153,6 +153,16 @@ class AscendQuantLinear(nn.Cell):
         y = self.forward_2d(x.reshape(-1, self.in_features).astype(self.compute_dtype))
         return y.reshape(*lead, self.out_features).astype(x.dtype)
 
+    def _set_scaled_weight(self, weight, weight_scale, weight_offset, scale_dtype, name: str) -> None:
+        """weight int8 [out, in], weight_scale [out] in ``scale_dtype``, weight_offset int32 [out] (zeros if absent),
+        each checked against the contract (w8a16 and dynamic W8A8 store the same three tensors)."""
+        out_features, in_features = self.out_features, self.in_features
+        t = {"weight": weight, "weight_scale": weight_scale,
+             "weight_offset": np.zeros(out_features, np.int32) if weight_offset is None else weight_offset}
+        self.weight = _param(_stored(t, "weight", np.int8, (out_features, in_features), name), "weight")
+        self.weight_scale = _param(_stored(t, "weight_scale", scale_dtype, (out_features,), name), "weight_scale")
+        self.weight_offset = _param(_stored(t, "weight_offset", np.int32, (out_features,), name), "weight_offset")
+
     def forward_2d(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -216,14 +226,8 @@ class AscendDynamicW8A8Linear(AscendQuantLinear):
 
     def __init__(self, weight: np.ndarray, weight_scale: np.ndarray, weight_offset: np.ndarray | None = None,
                  compute_dtype=BF16, name: str = ""):
-        out_features, in_features = np.shape(weight)
-        super().__init__(in_features, out_features, compute_dtype)
-        t = {"weight": weight, "weight_scale": weight_scale,
-             "weight_offset": np.zeros(out_features, np.int32) if weight_offset is None else weight_offset}
-        self.weight = _param(_stored(t, "weight", np.int8, (out_features, in_features), name), "weight")
-        self.weight_scale = _param(_stored(t, "weight_scale", _dynamic_scale_dtype(compute_dtype),
-                                           (out_features,), name), "weight_scale")
-        self.weight_offset = _param(_stored(t, "weight_offset", np.int32, (out_features,), name), "weight_offset")
+        super().__init__(np.shape(weight)[1], np.shape(weight)[0], compute_dtype)
+        self._set_scaled_weight(weight, weight_scale, weight_offset, _dynamic_scale_dtype(compute_dtype), name)
         self.dynamic_quant = DynamicQuantExt()
         self.qbmm = QuantBatchMatmul(transpose_x1=False, transpose_x2=True, dtype=compute_dtype)
 
@@ -245,14 +249,8 @@ class AscendW8A16Linear(AscendQuantLinear):
 
     def __init__(self, weight: np.ndarray, weight_scale: np.ndarray, weight_offset: np.ndarray | None = None,
                  compute_dtype=BF16, name: str = ""):
-        out_features, in_features = np.shape(weight)
-        super().__init__(in_features, out_features, compute_dtype)
-        t = {"weight": weight, "weight_scale": weight_scale,
-             "weight_offset": np.zeros(out_features, np.int32) if weight_offset is None else weight_offset}
-        self.weight = _param(_stored(t, "weight", np.int8, (out_features, in_features), name), "weight")
-        self.weight_scale = _param(_stored(t, "weight_scale", _NUMPY_DTYPE[compute_dtype], (out_features,), name),
-                                   "weight_scale")
-        self.weight_offset = _param(_stored(t, "weight_offset", np.int32, (out_features,), name), "weight_offset")
+        super().__init__(np.shape(weight)[1], np.shape(weight)[0], compute_dtype)
+        self._set_scaled_weight(weight, weight_scale, weight_offset, _NUMPY_DTYPE[compute_dtype], name)
         self.wqbmm = WeightQuantBatchMatmul(transpose_x=False, transpose_weight=True, antiquant_group_size=0)
 
     def antiquant_offset(self) -> Tensor:

@@ -62,17 +62,23 @@ class QuantLinearBase(nn.Cell):
         return x.reshape(-1, self.in_features), x.shape[:-1]
 
 
-class W8A16Linear(QuantLinearBase):
-    """Weight-only int8: y = x @ (weight * weight_scale).T (antiquant, then a float matmul)."""
-
-    scheme = "w8a16"
-    description = "W8A16"
+class ScaledWeightLinear(QuantLinearBase):
+    """A linear whose int8 weight carries its own per-channel scale (w8a16 and w8a8-dynamic): weight int8
+    [out, in], weight_scale [out], weight_offset [out] (zeros: symmetric)."""
 
     def __init__(self, weight: np.ndarray, weight_scale: np.ndarray):
         super().__init__(weight.shape[1], weight.shape[0])
         self.weight = _p(weight.astype(np.int8), "weight")
         self.weight_scale = _p(weight_scale.astype(np.float32), "weight_scale")
         self.weight_offset = _p(np.zeros(weight.shape[0], np.float32), "weight_offset")
+
+
+class W8A16Linear(ScaledWeightLinear):
+    """Weight-only int8: y = x @ (weight * weight_scale).T (antiquant, then a float matmul)."""
+
+    scheme = "w8a16"
+    description = "W8A16"
+
 
     def weight_as_float(self) -> Tensor:
         if self._weight_f32 is None:
@@ -121,17 +127,12 @@ class StaticW8A8Linear(QuantLinearBase):
         return y.reshape(*lead, self.out_features)
 
 
-class DynamicW8A8Linear(QuantLinearBase):
+class DynamicW8A8Linear(ScaledWeightLinear):
     """Dynamic per-token W8A8: s_t = max|x_t| / 127, x_q = round(x / s_t); y = (x_q @ W_q.T) * s_t * weight_scale."""
 
     scheme = "w8a8-dynamic"
     description = "W8A8_DYNAMIC"
 
-    def __init__(self, weight: np.ndarray, weight_scale: np.ndarray):
-        super().__init__(weight.shape[1], weight.shape[0])
-        self.weight = _p(weight.astype(np.int8), "weight")
-        self.weight_scale = _p(weight_scale.astype(np.float32), "weight_scale")
-        self.weight_offset = _p(np.zeros(weight.shape[0], np.float32), "weight_offset")
 
     def construct(self, x: Tensor) -> Tensor:
         flat, lead = self._flat(x)
