@@ -35,6 +35,22 @@ _LAZY = {
     "Options": "goldstick.recipe",
     "compare_models": "goldstick.evaluate",
     "from_golden_stick": "goldstick.gs_compat",
+    "verify": "goldstick.verification",  # not goldstick/verify.py: a submodule would shadow the function
+    "VerifyReport": "goldstick.verification",
+    # errors: every one derives from GoldstickError (goldstick/errors.py has the tree)
+    "GoldstickError": "goldstick.errors",
+    "UsageError": "goldstick.errors",
+    "TokenizerError": "goldstick.errors",
+    "ConfigError": "goldstick.config",
+    "RecipeError": "goldstick.recipe",
+    "CalibrationError": "goldstick.calibration",
+    "QuantizeError": "goldstick.engine",
+    "WriterError": "goldstick.writer",
+    "ExportError": "goldstick.export",
+    "CEvalError": "goldstick.ceval",
+    "JobError": "goldstick.ceval_jobs",
+    "AnalyzeError": "goldstick.analyze",
+    "VerifyError": "goldstick.verification",
 }
 
 __all__ = sorted(_LAZY)

@@ -68,6 +68,7 @@ from pathlib import Path
 import numpy as np
 
 from .recipe import Recipe, Rule, Scheme, fused_groups, load_recipe, smoothing_groups
+from .errors import GoldstickError
 
 SCHEMA = "goldstick.analyze/1"
 SAFER = {"dynamic": "w8a8-dynamic", "w8a16": "w8a16", "float": "float"}
@@ -99,7 +100,7 @@ DEFINITIONS = {
 }
 
 
-class AnalyzeError(ValueError):
+class AnalyzeError(GoldstickError, ValueError):
     pass
 
 

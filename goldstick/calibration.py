@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from .files import sha256_file
+from .errors import GoldstickError
 
 PACKAGE_CALIBRATION = Path(__file__).resolve().parent.parent / "calibration"
 DEFAULT_CALIBRATION = "calibration/mixed-zh-en.jsonl"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(GoldstickError, ValueError):
     pass
 
 

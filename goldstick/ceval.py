@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from .errors import GoldstickError
 
 # ---- the 52 subjects ---------------------------------------------------------------------------------------------
 # (handle, English name, Chinese name, category), in the order of the official subject_mapping.json
@@ -127,7 +128,7 @@ COLUMNS = {"dev": ("id", "question", "A", "B", "C", "D", "answer", "explanation"
 PROMPT_HEADER = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"
 
 
-class CEvalError(ValueError):
+class CEvalError(GoldstickError, ValueError):
     pass
 
 
@@ -196,6 +197,9 @@ def _normalise(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+MAX_FIELD_CHARS = 65536  # the longest real C-Eval field is a few thousand characters
+
+
 def read_csv(path: str | Path, split: str | None = None, subject: str | None = None) -> list[Question]:
     """Rows of one official CSV (``{subject}_{split}.csv``); every field a string, line ends normalised."""
     path = Path(path)
@@ -208,34 +212,44 @@ def read_csv(path: str | Path, split: str | None = None, subject: str | None = N
         raise CEvalError(f"{path}: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     required = COLUMNS[split]
     rows: list[Question] = []
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise CEvalError(f"{path}:1: empty file (expected the header {','.join(required)})") from None
-        header = [h.strip() for h in header]
-        missing = [c for c in required if c not in header and not (split == "dev" and c == "explanation")]
-        if missing:
-            raise CEvalError(f"{path}:1: missing column(s) {', '.join(missing)} in the header "
-                             f"{','.join(header)!r} (a {split} file has {','.join(required)})")
-        index = {name: i for i, name in enumerate(header)}
-        start = reader.line_num + 1
-        for number, record in enumerate(reader):
-            line = start
+    reader = None
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise CEvalError(f"{path}:1: empty file (expected the header {','.join(required)})") from None
+            header = [h.strip() for h in header]
+            missing = [c for c in required if c not in header and not (split == "dev" and c == "explanation")]
+            if missing:
+                raise CEvalError(f"{path}:1: missing column(s) {', '.join(missing)} in the header "
+                                 f"{','.join(header)!r} (a {split} file has {','.join(required)})")
+            index = {name: i for i, name in enumerate(header)}
             start = reader.line_num + 1
-            if not record or (len(record) == 1 and not record[0].strip()):
-                continue
-            if len(record) != len(header):
-                raise CEvalError(f"{path}:{line}: {len(record)} fields, the header has {len(header)}")
-            get = lambda name: _normalise(record[index[name]]) if name in index else ""  # noqa: E731
-            answer = get("answer").strip()
-            if split != "test" or "answer" in index:
-                if answer not in LETTERS and not (split == "test" and answer == ""):
-                    raise CEvalError(f"{path}:{line}: answer {answer!r} is not one of A, B, C, D")
-            rows.append(Question(subject=subject, split=split, id=get("id").strip() or str(number),
-                                 question=get("question"), options=tuple(get(c) for c in LETTERS), answer=answer,
-                                 explanation=get("explanation"), source=str(path), line=line))
+            for number, record in enumerate(reader):
+                line = start
+                start = reader.line_num + 1
+                if not record or (len(record) == 1 and not record[0].strip()):
+                    continue
+                if len(record) != len(header):
+                    raise CEvalError(f"{path}:{line}: {len(record)} fields, the header has {len(header)}")
+                if max(len(field) for field in record) > MAX_FIELD_CHARS:  # whatever csv.field_size_limit says
+                    raise CEvalError(f"{path}:{line}: a field of more than {MAX_FIELD_CHARS} characters; C-Eval "
+                                     f"questions are a few thousand at most")
+                get = lambda name: _normalise(record[index[name]]) if name in index else ""  # noqa: E731
+                answer = get("answer").strip()
+                if split != "test" or "answer" in index:
+                    if answer not in LETTERS and not (split == "test" and answer == ""):
+                        raise CEvalError(f"{path}:{line}: answer {answer!r} is not one of A, B, C, D")
+                rows.append(Question(subject=subject, split=split, id=get("id").strip() or str(number),
+                                     question=get("question"), options=tuple(get(c) for c in LETTERS), answer=answer,
+                                     explanation=get("explanation"), source=str(path), line=line))
+    except UnicodeDecodeError as exc:
+        raise CEvalError(f"{path}: not UTF-8 text ({exc.reason}); C-Eval files are UTF-8 CSV") from None
+    except csv.Error as exc:  # e.g. a field past the csv module's size limit
+        line = reader.line_num if reader is not None else 1
+        raise CEvalError(f"{path}:{line}: not a readable CSV row ({exc})") from None
     return rows
 
 
@@ -373,6 +387,7 @@ class Request:
     shots: int
     truncated: bool
     continuations: list[list[int]] | None = None
+    group: str = ""  # requests of one group share their prompt's header and shots (subject/shots)
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -408,7 +423,8 @@ def tokenize_requests(tokenizer, questions: Sequence[Question], dev: dict[str, l
             if max_len is not None and len(ids) > max_len:  # keep bos and the last tokens (ending in 答案：)
                 truncated = True
                 ids = bos + ids[len(ids) - (max_len - len(bos)):]
-            requests.append(Request(ids=ids, shots=k, truncated=truncated))
+            group = "" if truncated else f"{q.subject}/{k}"
+            requests.append(Request(ids=ids, shots=k, truncated=truncated, group=group))
             continue
         # the letter merges with the text before it: score the 4 continuations from their common prefix
         common = 0
@@ -450,16 +466,63 @@ def _batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[
     return groups
 
 
+def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+def shared_prefixes(requests: Sequence[Request], min_prefix: int = 16) -> dict[str, tuple[list[int], int]]:
+    """Group -> (its requests, length of the token prefix they all share), for groups worth a shared prefill.
+
+    The prefix is the longest common run of *token ids* (not of text: a BPE merge across the header/question
+    boundary would make a text prefix tokenize differently), leaving every request at least one token of its own.
+    """
+    members: dict[str, list[int]] = {}
+    for r, req in enumerate(requests):
+        if req.continuations is None and req.group:
+            members.setdefault(req.group, []).append(r)
+    plans = {}
+    for group, rows in members.items():
+        if len(rows) < 2:
+            continue
+        seqs = [requests[r].ids for r in rows]
+        length = min(_common_prefix_length(seqs), min(len(s) for s in seqs) - 1)
+        if length >= min_prefix:
+            plans[group] = (rows, length)
+    return plans
+
+
 def score_requests(net, requests: Sequence[Request], letter_ids: list[int] | None, pad_id: int = 0,
                    batch_tokens: int = 4096, max_batch: int = 32, progress: bool = True,
-                   desc: str = "ceval") -> np.ndarray:
-    """[N, 4] scores of A-D: next-token logits (or continuation log-likelihoods for fallback requests)."""
+                   desc: str = "ceval", share_prefix: bool = True) -> np.ndarray:
+    """[N, 4] scores of A-D: next-token logits (or continuation log-likelihoods for fallback requests).
+
+    With ``share_prefix`` (and a network with a KV cache), the prompt header and shots that a subject's questions
+    share are run once per subject, and only each question's own tokens per question: five-shot prompts are
+    mostly shots, so this does most of the work once instead of once per question.
+    """
     from mindspore import Tensor
+
+    scores = np.zeros((len(requests), 4), dtype=np.float64)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(requests), desc=desc, unit="q", file=sys.stderr, leave=False)
+    plans = shared_prefixes(requests) if share_prefix and hasattr(net, "forward_cached") else {}
+    for rows, length in plans.values():
+        _score_shared_prefix(net, requests, rows, length, letter_ids, scores, pad_id, batch_tokens, max_batch, bar)
+    done_shared = {r for rows, _ in plans.values() for r in rows}
 
     # each fallback request becomes 4 sequences; next-token requests one
     seqs: list[list[int]] = []
     owner: list[tuple[int, int]] = []  # (request, letter or -1)
     for r, req in enumerate(requests):
+        if r in done_shared:
+            continue
         if req.continuations is None:
             seqs.append(req.ids)
             owner.append((r, -1))
@@ -467,13 +530,7 @@ def score_requests(net, requests: Sequence[Request], letter_ids: list[int] | Non
             for j, cont in enumerate(req.continuations):
                 seqs.append(req.ids + cont)
                 owner.append((r, j))
-    scores = np.zeros((len(requests), 4), dtype=np.float64)
     groups = _batches([len(s) for s in seqs], batch_tokens, max_batch)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(requests), desc=desc, unit="q", file=sys.stderr, leave=False)
     for group in groups:
         width = max(len(seqs[i]) for i in group)
         ids = np.full((len(group), width), pad_id, dtype=np.int32)
@@ -499,6 +556,28 @@ def score_requests(net, requests: Sequence[Request], letter_ids: list[int] | Non
     if bar is not None:
         bar.close()
     return scores
+
+
+def _score_shared_prefix(net, requests, rows, length, letter_ids, scores, pad_id, batch_tokens, max_batch, bar):
+    """Prefill the rows' common prefix once, then run their own tokens in batches on copies of that cache."""
+    from mindspore import Tensor
+
+    prefix = requests[rows[0]].ids[:length]
+    cache = net.new_cache(1)
+    net.forward_cached(Tensor(np.asarray([prefix], dtype=np.int32)), cache, last_only=True)
+    suffixes = [requests[r].ids[length:] for r in rows]
+    for group in _batches([len(x) for x in suffixes], batch_tokens, max_batch):
+        width = max(len(suffixes[i]) for i in group)
+        ids = np.full((len(group), width), pad_id, dtype=np.int32)
+        mask = np.zeros((len(group), width), dtype=np.int32)
+        for row, i in enumerate(group):  # left padding after the prefix: masked, positions continue per row
+            ids[row, width - len(suffixes[i]):] = suffixes[i]
+            mask[row, width - len(suffixes[i]):] = 1
+        logits = _as_numpy(net.forward_cached(Tensor(ids), cache.repeat(len(group)), mask, last_only=True))
+        for row, i in enumerate(group):
+            scores[rows[i]] = logits[row, -1, letter_ids].astype(np.float64)
+        if bar is not None:
+            bar.update(len(group))
 
 
 # ---- results -----------------------------------------------------------------------------------------------------
@@ -557,14 +636,14 @@ def accuracy_summary(questions: Sequence[Question], correct: np.ndarray) -> dict
 def evaluate_network(net, tokenizer, data: CEvalData, shots: int, bos_id: int | None, pad_id: int = 0,
                      max_len: int | None = None, label: str = "model", path: str = "", batch_tokens: int = 4096,
                      progress: bool = True, requests: list[Request] | None = None,
-                     letter_ids: list[int] | None = None) -> ModelRun:
+                     letter_ids: list[int] | None = None, share_prefix: bool = True) -> ModelRun:
     """Score one network on every question of ``data`` (``requests`` may be passed to reuse tokenization)."""
     questions = data.questions()
     if requests is None:
         requests, letter_ids = tokenize_requests(tokenizer, questions, data.dev, shots, bos_id, max_len)
     started = time.time()
     scores = score_requests(net, requests, letter_ids, pad_id=pad_id, batch_tokens=batch_tokens,
-                            progress=progress, desc=label)
+                            progress=progress, desc=label, share_prefix=share_prefix)
     return ModelRun(label=label, path=path, scores=scores, questions=questions, seconds=time.time() - started)
 
 
@@ -609,7 +688,7 @@ def run_ceval(model: str | Path | None, quantized: Sequence[str | tuple[str, str
               seed: int = 0, confidence: float = 0.95, progress: bool = True, plots: bool = True,
               calibration_overrides: dict[str, dict] | None = None, allowed_drop: float | None = None,
               gate: str = "significant", overlap: str = "warn", extra: dict | None = None,
-              log: Callable[[str], None] | None = None):
+              log: Callable[[str], None] | None = None, share_prefix: bool = True):
     """Evaluate the float ``model`` and each ``quantized`` checkpoint on the same prompts; compare; write reports.
 
     ``quantized`` items are directories or ``(label, directory)`` pairs. ``calibration_overrides`` maps a label to the
@@ -662,7 +741,7 @@ def run_ceval(model: str | Path | None, quantized: Sequence[str | tuple[str, str
         net = load_model(path)
         run = evaluate_network(net, tok, ceval, shots, loaded.bos_id, pad_id=pad_id, max_len=max_len, label=label,
                                path=str(path), batch_tokens=batch_tokens, progress=progress, requests=requests,
-                               letter_ids=letter_ids)
+                               letter_ids=letter_ids, share_prefix=share_prefix)
         del net
         say(f"ceval: {label}: {run.summary()['overall']:.2f} points (mean over subjects) in {run.seconds:.1f}s")
         runs.append(run)
@@ -677,6 +756,7 @@ def run_ceval(model: str | Path | None, quantized: Sequence[str | tuple[str, str
     report.update(extra or {})
     if allowed_drop is not None:
         gate_report(report, allowed_drop, gate, overlap_fails=overlap == "fail")
+    report["settings"]["shared_prefix"] = share_prefix
     report["settings"]["seconds_total"] = round(time.time() - started, 1)
     for label, info in overlaps.items():
         if info["status"] == "overlap":
@@ -721,6 +801,8 @@ def add_ceval_parser(sub) -> None:
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=None, help="bootstrap seed (default 0)")
     p.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per forward batch (default 4096)")
+    p.add_argument("--no-shared-prefix", action="store_true",
+                   help="run every prompt whole instead of prefilling each subject's shared header/shots once")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_ceval_cli)
@@ -757,6 +839,7 @@ def run_ceval_cli(args) -> int:
                        batch_tokens=args.batch_tokens or 4096,
                        bootstrap_samples=args.bootstrap if args.bootstrap is not None else 2000,
                        seed=args.seed or 0, progress=not args.no_progress, plots=not args.no_plots,
-                       allowed_drop=args.allowed_drop, gate=args.gate or "significant")
+                       allowed_drop=args.allowed_drop, gate=args.gate or "significant",
+                       share_prefix=not args.no_shared_prefix)
     print_summary(report, args.out)
     return 0 if report.get("gate", {}).get("passed", True) else 3

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from goldstick.config import ConfigError, ModelConfig
 from goldstick.fp8 import FP8, dequantize_fp8_blocks, scale_grid_shape
+from goldstick.errors import GoldstickError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -47,7 +48,7 @@ SCALE_DTYPES = ("F32", "BF16", "F16")
 _LAYER_PREFIX = re.compile(r"model\.layers\.(\d+)\.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GoldstickError, ValueError):
     """A checkpoint that cannot be read; the message names the file and the tensor or key."""
 
 
@@ -80,8 +81,8 @@ def read_safetensors_header(path: Path, file: str) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{file}: cannot read ({exc.strerror})") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file}: corrupt header, not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting: RecursionError
+        raise CheckpointError(f"{file}: corrupt header, not valid JSON ({_short(exc)})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: corrupt header, expected a JSON object")
 
@@ -91,14 +92,13 @@ def read_safetensors_header(path: Path, file: str) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{file}: corrupt header entry for tensor '{name}': {entry!r}") from None
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and _int_list(entry.get("shape"))
+                and _int_list(entry.get("data_offsets"), 2)):
+            raise CheckpointError(f"{file}: corrupt header entry for tensor '{name}': {_short(entry)} (expected "
+                                  '{"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]})')
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         if dtype not in STORED_DTYPES:
-            raise CheckpointError(f"{file}: tensor '{name}' has dtype {dtype!r}, which goldstick cannot read "
+            raise CheckpointError(f"{file}: tensor '{name}' has dtype {_short(dtype)}, which goldstick cannot read "
                                   f"(readable: {', '.join(STORED_DTYPES)})")
         if end > data_size:
             raise CheckpointError(f"{file}: truncated: tensor '{name}' needs data bytes {begin}..{end} but the "
@@ -108,7 +108,39 @@ def read_safetensors_header(path: Path, file: str) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{file}: corrupt header: tensor '{name}' ({dtype}, shape {shape}) needs "
                                   f"{expected_bytes} bytes but its data_offsets are [{begin}, {end}]")
         tensors[name] = TensorInfo(file, dtype, shape, data_start + begin, data_start + end)
+    _check_no_overlap(file, tensors, data_start)
     return tensors
+
+
+def _int_list(value, length: int | None = None) -> bool:
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+
+
+def _short(value, limit: int = 200) -> str:
+    """repr of a (possibly huge, hostile) header value, cut to ``limit`` characters for the message."""
+    text = value if isinstance(value, BaseException) else repr(value)
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_no_overlap(file: str, tensors: dict[str, TensorInfo], data_start: int) -> None:
+    """Two tensors sharing bytes would read each other's data: the header is corrupt."""
+    spans = sorted((info.start, info.end, name) for name, info in tensors.items() if info.end > info.start)
+    for (_, prev_end, prev), (start, end, name) in zip(spans, spans[1:]):
+        if start < prev_end:
+            raise CheckpointError(f"{file}: corrupt header: tensors '{prev}' (data bytes ..{prev_end - data_start}) "
+                                  f"and '{name}' (data bytes {start - data_start}..{end - data_start}) overlap")
+
+
+def nonfinite_problem(file: str, name: str, values: np.ndarray) -> str | None:
+    """None if every value is finite, else a sentence naming the file, the tensor, the count and the first index."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return None
+    first = [int(i) for i in np.unravel_index(int(np.argmin(finite)), values.shape)]
+    return (f"{file}: tensor '{name}' holds {values.size - int(np.count_nonzero(finite))} NaN/Inf value(s), the "
+            f"first at index {first}")
 
 
 def mtp_extra_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:

@@ -8,10 +8,11 @@
     goldstick compare FLOAT_DIR QUANT_DIR             float vs quantized on held-out text
     goldstick ceval --model DIR --quantized DIR --data CEVAL_DIR [--shots 0|5] --out DIR
     goldstick ceval eval/JOB.yaml                     C-Eval regression job (exit 3 when the drop fails the gate)
-    goldstick generate DIR "prompt" [--temperature T ...] [--no-cache]   continuation, with tokens/s
-    goldstick serve DIR [--port N] [--host H]         OpenAI-style HTTP server (/v1/completions)
+    goldstick generate DIR "prompt" [--temperature T ...] [--no-cache] [--verify]   continuation, with tokens/s
+    goldstick serve DIR [--port N] [--host H] [--verify]   OpenAI-style HTTP server (/v1/completions)
     goldstick analyze --model DIR --recipe R --out DIR [--propose --budget X]   per-layer loss analysis
-    goldstick make-model --out DIR [--size tiny|wide] [--fp8]
+    goldstick make-model --out DIR [--size tiny|wide] [--fp8] [--set KEY=INT ...]
+    goldstick verify DIR [--no-hash]                  check a quantized checkpoint (exit 2 listing problems)
     goldstick recipes                                 the shipped recipes
 """
 
@@ -22,6 +23,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from .errors import EXIT_INPUT_ERROR, GoldstickError
 
 
 def _model_or_default(model: str | None) -> Path:
@@ -51,6 +54,15 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--format", dest="export_format", choices=("mindspore", "compressed-tensors"),
                    default="mindspore", help="checkpoint format: mindspore (Golden-Stick / vllm-mindspore, default) "
                                              "or compressed-tensors (vLLM)")
+    p.add_argument("--max-shard-size", type=float, default=4096, metavar="MB",
+                   help="shard size cap in MiB (default 4096, Golden-Stick's)")
+    p.add_argument("--path", choices=("auto", "stream", "layers"), default="auto",
+                   help="auto (default): stream a recipe that needs no calibration shard by shard from the source "
+                        "(no MindSpore, on worker processes), else layer by layer; stream / layers force one")
+    p.add_argument("--executor", choices=("local", "ray", "inline"), default=None,
+                   help="where independent units run: local processes (default for the streaming path), a Ray "
+                        "cluster (RAY_ADDRESS or a local one; pip install 'goldstick[ray]'), or inline")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: every core)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_quantize)
 
@@ -74,7 +86,12 @@ def run_quantize(args) -> int:
     started = time.time()
     result = quantize(model, recipe, out=args.out, calibration=args.calib, calib_samples=args.calib_samples,
                       calib_seq_len=args.calib_seq_len, resume=args.resume, progress=not args.no_progress,
-                      export_format=args.export_format)
+                      export_format=args.export_format, max_shard_bytes=int(args.max_shard_size * (1 << 20)),
+                      path=args.path, executor=args.executor, workers=args.workers)
+    stream = getattr(result, "stream", None)
+    if stream is not None:
+        print(f"streaming path (data-free recipe, no calibration): {stream.input_bytes / 1e6:.0f} MB read, "
+              f"{stream.output_bytes / 1e6:.0f} MB written, {stream.mb_per_s:.0f} MB/s on {stream.executor}")
     print(f"quantized in {time.time() - started:.1f}s -> {result.out}")
     print(f"report: {result.out / 'report.md'}")
     return 0
@@ -138,6 +155,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--no-cache", action="store_true", help="rerun the whole sequence every step (no KV cache)")
+    p.add_argument("--verify", action="store_true", help="check the checkpoint first (goldstick verify: hashes, "
+                                                         "tensors, scales) and refuse it if anything is wrong")
     p.set_defaults(func=run_generate)
 
 
@@ -148,6 +167,8 @@ def run_generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             ignore_eos=args.ignore_eos).check()
+    if args.verify:
+        _verify_first(model)
     generator = Generator.from_dir(model)
     (completion,), timing = generator.generate(args.prompt, params, use_cache=not args.no_cache)
     print(args.prompt + completion.text)
@@ -156,6 +177,13 @@ def run_generate(args) -> int:
           f"({mode}; prompt {timing.prompt_tokens} tokens, first token after {timing.prefill_seconds:.2f}s, "
           f"then {timing.decode_tokens_per_second:.1f} tokens/s); finish: {completion.finish_reason}]")
     return 0
+
+
+def _verify_first(model: Path) -> None:
+    """--verify: the full check of goldstick verify before the model is loaded (VerifyError lists every problem)."""
+    from .verification import verify
+
+    print(verify(model).raise_if_failed().summary(), file=sys.stderr)
 
 
 # ---- serve -------------------------------------------------------------------------------------------------------
@@ -170,6 +198,8 @@ def add_serve_parser(sub) -> None:
                    help="the model id clients use (default: the path as given; its folder name also matches)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--verify", action="store_true", help="check the checkpoint first (goldstick verify: hashes, "
+                                                         "tensors, scales) and refuse it if anything is wrong")
     p.set_defaults(func=run_serve)
 
 
@@ -182,7 +212,10 @@ def run_serve(args) -> int:
         return 1
     from .serve import serve
 
-    serve(_model_or_default(args.model), host=args.host, port=args.port, served_model_name=args.served_model_name,
+    model = _model_or_default(args.model)
+    if args.verify:
+        _verify_first(model)
+    serve(model, host=args.host, port=args.port, served_model_name=args.served_model_name,
           max_body_bytes=args.max_body_bytes, log_level=args.log_level)
     return 0
 
@@ -256,16 +289,24 @@ def main(argv: list[str] | None = None) -> int:
 
     add_ceval_parser(sub)
     add_analyze_parser(sub)
+    from .verification import add_verify_parser
+
+    add_verify_parser(sub)
     sub.add_parser("recipes", help="list the shipped recipes").set_defaults(func=run_recipes)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # quantize says how to resume
+        print(f"goldstick: {exc or 'interrupted'}", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as exc:
-        # our errors name the file/tensor/key; a traceback adds nothing for the user
+    except (GoldstickError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as exc:
+        # bad input (ours name the file/tensor/key/line; the OS errors name the path): a traceback adds nothing
         print(f"goldstick: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except (ValueError, RuntimeError) as exc:
+        # not an error goldstick raises on purpose: status 1 tells it apart from bad input
+        print(f"goldstick: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 

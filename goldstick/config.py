@@ -12,13 +12,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from .errors import GoldstickError
 
 # Sub-layer norms of MLA (q_a_layernorm, kv_a_layernorm) use a fixed eps of 1e-6 in both the official
 # DeepSeek-V3 inference code and transformers' DeepseekV3Attention; only the block norms read rms_norm_eps.
 MLA_NORM_EPS = 1e-6
 
 
-class ConfigError(ValueError):
+class ConfigError(GoldstickError, ValueError):
     """A config.json that cannot describe a DeepSeek-V3 network."""
 
 

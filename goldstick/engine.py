@@ -35,11 +35,12 @@ import numpy as np
 
 from . import algorithms as alg
 from .calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointError, CheckpointReader, nonfinite_problem
 from .files import sha256_file
 from .recipe import Plan, Recipe, load_recipe, smoothing_groups
 from .runtime import setup_mindspore
 from .writer import write_json_atomic, write_safetensors
+from .errors import GoldstickError
 
 WORK_DIR = ".goldstick-work"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30  # Golden-Stick's own 4 GB shard limit
@@ -56,8 +57,12 @@ QUANT_TENSOR_DTYPES = {
 _EXPERT = re.compile(r".*\.mlp\.experts\.(\d+)\.")
 
 
-class QuantizeError(RuntimeError):
+class QuantizeError(GoldstickError, RuntimeError):
     pass
+
+
+class QuantizeInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``quantize``; the message says how to continue (the work folder is left resumable)."""
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
@@ -74,12 +79,34 @@ def bf16_ceil(x) -> np.ndarray:
 
 
 def quantize_weight(w: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel int8 weight whose scale is bf16-representable (it is stored in bf16)."""
-    base = alg.quantize_weight_per_channel(w, mode=mode)
-    scale = bf16_ceil(base.scale)
+    """Per-channel int8 weight whose scale is bf16-representable (it is stored in bf16).
+
+    q = clip(rint(float64(w) / float64(scale)), low, 127) row by row. The scale depends on a row's absmax alone,
+    so ``alg`` is given the [out, 1] absmax column (same scale, same NaN/inf check, without quantizing the whole
+    weight a second time); the division runs over ~512 KB blocks of rows with reused buffers (5x faster than one
+    whole-tensor expression, same values: tests/test_stream.py checks it against that expression).
+    """
+    w = np.asarray(w, dtype=np.float32)
+    absmax = np.max(np.abs(w), axis=-1, keepdims=True) if w.shape[-1] else np.zeros((w.shape[0], 1), np.float32)
+    scale = bf16_ceil(alg.quantize_weight_per_channel(absmax, mode=mode).scale)
     low = -128 if mode == "gs" else -127
-    q = np.clip(np.rint(w.astype(np.float64) / scale[:, None].astype(np.float64)), low, 127).astype(np.int8)
+    q = np.empty(w.shape, np.int8)
+    s64 = scale.astype(np.float64)[:, None]
+    step = max(1, (1 << 16) // max(w.shape[1], 1))
+    buf = np.empty((min(step, w.shape[0]), w.shape[1]), np.float64)
+    for r in range(0, w.shape[0], step):
+        b = buf[: min(step, w.shape[0] - r)]
+        np.divide(w[r:r + step], s64[r:r + step], out=b)  # float32 promoted to float64 exactly, then divided
+        np.rint(b, out=b)
+        np.maximum(b, low, out=b)
+        np.minimum(b, 127, out=b)
+        q[r:r + step] = b
     return q, scale
+
+
+def quantize_weight_unit(unit: tuple[np.ndarray, str]) -> tuple[np.ndarray, np.ndarray]:
+    """``quantize_weight(w, mode)`` as an executor work unit (a module-level function: picklable)."""
+    return quantize_weight(*unit)
 
 
 @dataclass
@@ -127,10 +154,11 @@ class LayerQuantizer:
     """Quantizes one decoder layer in place according to its plan entries."""
 
     def __init__(self, cfg, layer_index: int, tensors: dict[str, np.ndarray], plan: Plan, recipe: Recipe,
-                 batches: list, hidden: list[np.ndarray]):
+                 batches: list, hidden: list[np.ndarray], executor=None):
         from .model import DecoderLayer, Linear, RMSNorm
 
         self.cfg, self.index, self.plan, self.recipe = cfg, layer_index, plan, recipe
+        self.executor = executor  # a goldstick.executors.Executor for the weight-only/dynamic linears, or None
         self.prefix = f"model.layers.{layer_index}."
         self.batches, self.hidden = batches, hidden
         self.layer = DecoderLayer(cfg, layer_index)
@@ -221,14 +249,31 @@ class LayerQuantizer:
     def quantize(self, float_outputs: list[np.ndarray]) -> None:
         options = self.recipe.options
         static_groups, explicit = self._static_groups()
+        dynamic_groups = self._dynamic_smoothing_groups()
+        smoothed = {m for _, members in dynamic_groups for m in members}
+        weight_quant = []
         for name, entry in self.entries.items():
             scheme = entry.scheme
             if name not in self.linears:
                 continue  # the router: a float Router cell, not a Linear
             if scheme.name == "float":
                 self._set_float(name)
-            elif scheme.name in ("w8a16", "w8a8-dynamic"):
-                self._set_weight_quant(name, scheme.name)
+            elif scheme.name in ("w8a16", "w8a8-dynamic") and name not in smoothed:
+                weight_quant.append(name)
+        # independent of calibration and of each other (the experts): one unit each, on the executor if any
+        mode = options.weight_rounding
+        if self.executor is not None and len(weight_quant) > 1:
+            done = self.executor.map(quantize_weight_unit,
+                                     [(self.float_tensors[f"{n}.weight"], mode) for n in weight_quant])
+        else:
+            done = [None] * len(weight_quant)
+        for name, result in zip(weight_quant, done):
+            self._set_weight_quant(name, self.entries[name].scheme.name, result)
+        # dynamic linears with SmoothQuant: one scale per norm, folded into it (the plan refused the rest)
+        for norm, members in dynamic_groups:
+            transform = self._initial_transform(members, "smoothquant", norm)
+            for m in members:
+                self._set_dynamic_smoothed(m, transform)
         # static linears: one shared transform per folded group, else their own
         search_jobs = []
         for norm, members, method in static_groups:
@@ -265,6 +310,15 @@ class LayerQuantizer:
                 taken.update(members)
         explicit = [n for n in self.entries if n in static and n not in taken]
         return folded, explicit
+
+    def _dynamic_smoothing_groups(self) -> list[tuple[str, list[str]]]:
+        """Norms whose linears are all w8a8-dynamic + smoothquant (Plan guarantees the whole group agrees)."""
+        out = []
+        for group in smoothing_groups(self.cfg, self.index):
+            schemes = [self.entries[m].scheme for m in group.linears if m in self.entries]
+            if schemes and all(s.name == "w8a8-dynamic" and s.outlier_suppression == "smoothquant" for s in schemes):
+                out.append((group.key, list(group.linears)))
+        return out
 
     def _union_stats(self, members: list[str]) -> RunningStats:
         union = RunningStats()
@@ -305,14 +359,28 @@ class LayerQuantizer:
         self._set_cell(name, cell)
         self.reference[name] = (self.float_tensors[f"{name}.weight"], None)
 
-    def _set_weight_quant(self, name: str, scheme: str) -> None:
+    def _set_weight_quant(self, name: str, scheme: str, quantized: tuple | None = None) -> None:
         from .qlinear import DynamicW8A8Linear, W8A16Linear
 
         w = self.float_tensors[f"{name}.weight"]
-        q, scale = quantize_weight(w, self.recipe.options.weight_rounding)
+        q, scale = quantized or quantize_weight(w, self.recipe.options.weight_rounding)
         cls = W8A16Linear if scheme == "w8a16" else DynamicW8A8Linear
         self._set_cell(name, cls(q, scale))
         self.reference[name] = (w, None)
+
+    def _set_dynamic_smoothed(self, name: str, t: Transform) -> None:
+        """Dynamic W8A8 on x / s with s folded into the feeding norm: the norm's stored (bf16) weight defines s."""
+        from .qlinear import DynamicW8A8Linear
+
+        gamma = self.float_tensors[f"{t.folded_into}.weight"]
+        new_gamma = bf16_round(gamma / t.scale)
+        scale = np.where(new_gamma != 0, gamma / np.where(new_gamma != 0, new_gamma, 1), t.scale).astype(np.float32)
+        self.norms[t.folded_into].weight.set_data(_tensor(new_gamma))
+        w = self.float_tensors[f"{name}.weight"] * scale[None, :]
+        q, w_scale = quantize_weight(w, self.recipe.options.weight_rounding)
+        self._set_cell(name, DynamicW8A8Linear(q, w_scale))
+        self.transforms[name] = Transform(scale, np.zeros_like(scale), t.folded_into, dict(t.details))
+        self.reference[name] = (w, None)  # the float linear on what the cell receives (x / s)
 
     def _set_static(self, name: str, t: Transform) -> None:
         """Quantize one static linear under transform t; for a folded t also (re)write the norm's weight/bias."""
@@ -422,26 +490,30 @@ class LayerQuantizer:
             ref_w, ref_c = self.reference[name]
 
             def hook(cell, inputs, output, name=name, ref_w=ref_w, ref_c=ref_c):
-                x = inputs[0].asnumpy().reshape(-1, ref_w.shape[1]).astype(np.float64)
-                ref = x @ ref_w.T.astype(np.float64)
+                # float32 reference (an SQNR of int8 noise needs no more), sums in float64: wide layers would
+                # otherwise hold float64 copies of every input and output
+                x = inputs[0].asnumpy().reshape(-1, ref_w.shape[1])
+                ref = x @ ref_w.T.astype(np.float32, copy=False)
                 if ref_c is not None:
                     ref += ref_c
                 got = output.asnumpy().reshape(ref.shape)
-                sums[name][0] += float(np.sum(ref ** 2))
-                sums[name][1] += float(np.sum((ref - got) ** 2))
+                sums[name][0] += _sum_squares(ref)
+                ref -= got
+                sums[name][1] += _sum_squares(ref)
             handles.append(cell.register_forward_hook(hook))
         try:
             outputs = self.run(self.hidden)
         finally:
             for handle in handles:
                 handle.remove()
-        ref = np.concatenate([o.reshape(-1) for o in float_outputs])
-        got = np.concatenate([o.reshape(-1) for o in outputs])
-        inp = np.concatenate([h.reshape(-1) for h in self.hidden])
+        # layer SQNR batch by batch: no concatenated copies of the calibration activations
+        totals = np.zeros(4)
+        for r, g, h in zip(float_outputs, outputs, self.hidden):
+            totals += [_sum_squares(r), _sum_squares(r - g), _sum_squares(r - h), _sum_squares((r - h) - (g - h))]
         self.report = {
             "layer": self.index,
-            "sqnr_db": _round(alg.sqnr_db(ref, got)),
-            "delta_sqnr_db": _round(alg.sqnr_db(ref - inp, got - inp)),
+            "sqnr_db": _round(_sqnr(totals[0], totals[1])),
+            "delta_sqnr_db": _round(_sqnr(totals[2], totals[3])),
             "linears": {},
         }
         for name, entry in self.entries.items():
@@ -456,8 +528,9 @@ class LayerQuantizer:
                 info["tokens"] = int(self.stats[name].tokens)
             if name in self.transforms:
                 t = self.transforms[name]
-                info["activation"] = {"scale": _round(float(self.act_params[name].scale), 8),
-                                      "zero_point": int(self.act_params[name].zero_point)}
+                if name in self.act_params:  # static only: dynamic activations have no stored range
+                    info["activation"] = {"scale": _round(float(self.act_params[name].scale), 8),
+                                          "zero_point": int(self.act_params[name].zero_point)}
                 info["transform"] = {
                     "folded_into": t.folded_into,
                     "smooth_scale_max": _round(float(t.scale.max())),
@@ -500,6 +573,25 @@ def _tensor(array: np.ndarray):
     return Tensor(np.ascontiguousarray(array, dtype=np.float32))
 
 
+def _sum_squares(x: np.ndarray, chunk: int = 1 << 18) -> float:
+    """sum(x^2) in float64, a chunk at a time (no float64 copy of x)."""
+    flat = x.reshape(-1)
+    total = 0.0
+    for i in range(0, flat.size, chunk):
+        c = flat[i:i + chunk].astype(np.float64)
+        total += float(c @ c)
+    return total
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    """alg.sqnr_db from its two sums."""
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal / noise))
+
+
 def _round(value, digits: int = 3):
     if isinstance(value, float) and not np.isfinite(value):
         return "inf" if value > 0 else "-inf"
@@ -537,7 +629,8 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
              out: str | Path | None = None, calibration: str | Path | None = None,
              calib_samples: int | None = None, calib_seq_len: int | None = None, calib_seed: int | None = None,
              resume: bool = False, progress: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-             stop_after_layer: int | None = None, export_format: str = "mindspore") -> QuantizeResult:
+             stop_after_layer: int | None = None, export_format: str = "mindspore", path: str = "auto",
+             executor=None, workers: int | None = None) -> QuantizeResult:
     """Quantize a DeepSeek-V3/R1 checkpoint with a recipe; returns the output folder, the plan and the report.
 
     ``model`` None means the embedded default model. ``calibration`` and ``calib_*`` override the recipe's data.
@@ -545,13 +638,29 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
     ``stop_after_layer`` stops after that layer, leaving the run resumable (what a kill does, deterministically).
     ``export_format``: ``mindspore`` (Golden-Stick / vllm-mindspore) or ``compressed-tensors`` (vLLM); a recipe the
     format cannot hold is refused here, before calibrating (goldstick.export).
+    ``path``: ``auto`` streams a recipe that needs no calibration (goldstick.stream: shard by shard from the source,
+    bit-identical output, no MindSpore) unless calibration data, ``stop_after_layer`` or an interrupted layer run
+    ask for the layer path; ``stream`` / ``layers`` force one. ``executor`` (``local`` processes, ``ray``,
+    ``inline`` or a goldstick.executors.Executor) and ``workers`` run the independent units: the streamed
+    tensors, or the weight quantization of a layer's weight-only/dynamic linears (experts) in the layer path
+    (default there: inline, in this process).
     """
-    setup_mindspore()
-    from .tokenizer import load_tokenizer
+    from .stream import route, stream_quantize
 
     if model is None:
         from .make_model import default_model_path
         model = default_model_path()
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    given = calibration is not None or calib_samples is not None or calib_seq_len is not None or calib_seed is not None
+    chosen, why = route(model, recipe, path, export_format, given, stop_after_layer, out, resume)
+    if chosen == "stream":
+        return stream_quantize(model, recipe, out, executor=executor, workers=workers, progress=progress,
+                               max_shard_bytes=max_shard_bytes, resume=resume)
+    if progress:
+        print(f"layer path: {why}", flush=True)
+    setup_mindspore()
+    from .tokenizer import load_tokenizer
+
     reader = CheckpointReader(model)
     cfg = reader.config
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -561,13 +670,15 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
     check_plan(cfg, plan, export_format)
     if out is None:
         raise QuantizeError("quantize needs an output folder (out=...)")
+    if max_shard_bytes <= 0:
+        raise QuantizeError(f"the shard size cap must be positive, got {max_shard_bytes} bytes")
     out = Path(out)
     work = out / WORK_DIR
     if out.exists() and any(out.iterdir()) and not resume:
         raise QuantizeError(f"{out} is not empty; choose a new folder (or --resume an interrupted run there)")
+    if resume and (out / "manifest.json").exists():
+        return _finished_run(out, work, plan, recipe)
     if resume and not (work / "state.json").exists():
-        if (out / "manifest.json").exists():
-            raise QuantizeError(f"{out} holds a finished run (manifest.json): nothing to resume")
         resume = False  # nothing was finished yet: start from the beginning
 
     tok = load_tokenizer(model)
@@ -579,24 +690,57 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
     batches = _prepare_batches(cfg, calib)
 
     work.mkdir(parents=True, exist_ok=True)
-    state = {"fingerprint": fingerprint, "finished": -1}
+    # state.json says which layers are finished and the size + sha256 of every work file they left; a file is
+    # written under a temporary name and renamed before it is recorded, so a kill mid-write leaves nothing trusted
+    state = {"fingerprint": fingerprint, "finished": -1, "files": {}}
     if resume:
         state = json.loads((work / "state.json").read_text())
-        if state["fingerprint"] != fingerprint:
+        if state.get("fingerprint") != fingerprint:
             raise QuantizeError(f"{out}: the interrupted run used a different model, recipe or calibration data; "
                                 "resume needs the same inputs")
+        state.setdefault("files", {})
+        _check_work_files(out, work, state)
+    else:
+        write_json_atomic(work / "state.json", state)
+    if state["finished"] >= 0:
         hidden_file = np.load(work / "hidden.npz")
         hidden = [hidden_file[f"b{i}"] for i in range(len(batches))]
     else:
-        embed = bf16_round(reader.read("model.embed_tokens.weight"))  # as exported
+        embed = bf16_round(_read_finite(reader, "model.embed_tokens.weight"))  # as exported
         hidden = [embed[ids] for ids, *_ in batches]
         del embed
 
+    from .executors import Executor, get_executor
+
+    ex = None if executor is None and workers is None else get_executor(executor, workers)
+    try:
+        return _run_layers(out, work, state, reader, recipe, plan, calib, batches, hidden, progress,
+                           max_shard_bytes, stop_after_layer, export_format, ex)
+    except KeyboardInterrupt:
+        try:
+            done = json.loads((work / "state.json").read_text())["finished"]  # what a resume will see
+        except (OSError, ValueError, KeyError):  # interrupted while the finished run removed its work folder
+            done = state["finished"]
+        left = cfg.num_hidden_layers - done - 1
+        where = (f"continue from layer {done + 1} ({left} of {cfg.num_hidden_layers} layers left)"
+                 if left else f"finish writing the checkpoint (all {cfg.num_hidden_layers} layers are quantized)")
+        raise QuantizeInterrupted(f"interrupted; rerun with --resume to {where}") from None
+    finally:
+        if ex is not None and not isinstance(executor, Executor):
+            ex.close()  # one we made (a passed-in Executor stays the caller's)
+
+
+def _run_layers(out: Path, work: Path, state: dict, reader: CheckpointReader, recipe: Recipe, plan: Plan,
+                calib: CalibrationSet, batches: list, hidden: list, progress: bool, max_shard_bytes: int,
+                stop_after_layer: int | None, export_format: str, executor=None) -> QuantizeResult:
+    """The layer loop from the first unfinished layer, then the assembly; ``state`` is updated as layers finish."""
+    cfg = reader.config
     layers = range(state["finished"] + 1, cfg.num_hidden_layers)
     bar = _progress(layers, progress, cfg.num_hidden_layers, state["finished"] + 1)
     for i in bar:
         started = time.time()
-        lq = LayerQuantizer(cfg, i, reader.read_layer(i), plan, recipe, batches, hidden)
+        layer_tensors = {name: _read_finite(reader, name) for name in reader.layer_tensor_names(i)}
+        lq = LayerQuantizer(cfg, i, layer_tensors, plan, recipe, batches, hidden, executor=executor)
         float_outputs = lq.observe(recipe.options.moe_calibrate_all_experts)
         lq.quantize(float_outputs)
         quant_outputs = lq.measure(float_outputs)
@@ -607,8 +751,10 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
         hidden = quant_outputs if recipe.options.inputs_from == "quantized" else float_outputs
         np.savez(_tmp(work / "hidden.npz"), **{f"b{k}": h for k, h in enumerate(hidden)})
         os.replace(_tmp(work / "hidden.npz"), work / "hidden.npz")
+        for name in (f"layer-{i:05d}.safetensors", f"layer-{i:05d}.json", "hidden.npz"):
+            state["files"][name] = _file_record(work / name)
+        write_json_atomic(work / "state.json", {**state, "finished": i})  # the commit point of layer i
         state["finished"] = i
-        write_json_atomic(work / "state.json", state)
         if progress:
             bar.set_postfix_str(f"layer {i}: SQNR {lq.report['sqnr_db']} dB, {time.time() - started:.1f}s")
         del lq, tensors, float_outputs, quant_outputs
@@ -621,8 +767,61 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
     return QuantizeResult(out=out, plan=plan, report=report, final_logits=final_logits)
 
 
+def _read_finite(reader: CheckpointReader, name: str) -> np.ndarray:
+    """``reader.read(name)``, refused if it holds NaN or Inf: they would turn scales and every later layer's
+    calibration into NaN and still produce a checkpoint that looks complete."""
+    values = reader.read(name)
+    problem = nonfinite_problem(reader.file_of(name), name, values)
+    if problem:
+        raise CheckpointError(f"{problem}; goldstick refuses to quantize a checkpoint with non-finite weights")
+    return values
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{path.suffix}")
+
+
+def _file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _check_work_files(out: Path, work: Path, state: dict) -> None:
+    """Every work file a finished layer left must be there with the size and sha256 state.json recorded."""
+    files = state.get("files", {})
+    needed = [f"layer-{i:05d}.{ext}" for i in range(state["finished"] + 1) for ext in ("safetensors", "json")]
+    needed += ["hidden.npz"] if state["finished"] >= 0 else []
+    for name in needed:
+        path, want = work / name, files.get(name)
+        if want is None:
+            problem = "is not recorded in state.json"
+        elif not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != want["bytes"]:
+            problem = f"has {path.stat().st_size} bytes, state.json recorded {want['bytes']} (cut or overwritten)"
+        elif sha256_file(path) != want["sha256"]:
+            problem = "does not match the sha256 state.json recorded (damaged)"
+        else:
+            continue
+        raise QuantizeError(f"{path} {problem}: the interrupted run cannot be resumed from it; delete {out} and "
+                            "quantize again without --resume")
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Half-written files a killed run left in the output (shard and metadata temporaries, never final names)."""
+    for path in out.iterdir():
+        if path.is_file() and path.name.startswith(".") and path.name.endswith((".partial", ".tmp")):
+            path.unlink(missing_ok=True)
+
+
+def _finished_run(out: Path, work: Path, plan: Plan, recipe: Recipe) -> QuantizeResult:
+    """``resume`` on a folder with a manifest: the run finished (the manifest is written last)."""
+    written = out / "recipe.yaml"
+    if not written.exists() or written.read_text() != recipe.to_yaml():
+        raise QuantizeError(f"{out} holds a finished run of another recipe (manifest.json): nothing to resume")
+    if not work.exists():
+        raise QuantizeError(f"{out} holds a finished run (manifest.json): nothing to resume")
+    shutil.rmtree(work)  # killed while removing its work folder, after the manifest: only the cleanup was left
+    return QuantizeResult(out=out, plan=plan, report=json.loads((out / "report.json").read_text()))
 
 
 def _progress(layers, enabled: bool, total: int, initial: int):
@@ -636,8 +835,8 @@ def _progress(layers, enabled: bool, total: int, initial: int):
 def _final_logits(reader: CheckpointReader, hidden: np.ndarray) -> np.ndarray:
     """The quantized model's logits for the first calibration batch: final norm and lm_head as stored (bf16)."""
     cfg = reader.config
-    norm = bf16_round(reader.read("model.norm.weight")).astype(np.float64)
-    head = bf16_round(reader.read("lm_head.weight"))
+    norm = bf16_round(_read_finite(reader, "model.norm.weight")).astype(np.float64)
+    head = bf16_round(_read_finite(reader, "lm_head.weight"))
     from .model import Linear, RMSNorm
 
     rms = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -660,6 +859,7 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
 
     cfg = reader.config
     layer_reports = []
+    _remove_temporaries(out)  # an earlier, killed assembly may have left some
     writer = CheckpointWriter(out, export_format, cfg, max_shard_bytes)
     try:
         for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
@@ -683,7 +883,7 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
         for name in reader.mtp_tensor_names():
             raw = reader.read_raw(name)
             keep_f32 = name.endswith("e_score_correction_bias") and raw.dtype == np.float32
-            writer.add(name, "FLOAT", raw if keep_f32 else reader.read(name).astype(BF16))
+            writer.add(name, "FLOAT", raw if keep_f32 else _read_finite(reader, name).astype(BF16))
     except BaseException:
         writer.abort()
         raise

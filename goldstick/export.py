@@ -47,6 +47,7 @@ from .checkpoint import CheckpointError, CheckpointReader
 from .config import ModelConfig
 from .files import sha256_file
 from .writer import ShardedWriter, write_json_atomic
+from .errors import GoldstickError
 
 MINDSPORE = "mindspore"
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -99,7 +100,7 @@ REFUSALS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(GoldstickError, ValueError):
     """A checkpoint that cannot be written in (or read from) the requested format; the message says why."""
 
 
@@ -588,9 +589,11 @@ class CheckpointWriter:
     so that the error names every offending layer) and ``close`` removes the temporary shards.
     """
 
-    def __init__(self, out: str | Path, fmt: str, cfg: ModelConfig, max_shard_bytes: int):
+    def __init__(self, out: str | Path, fmt: str, cfg: ModelConfig, max_shard_bytes: int, shards=None):
         self.out, self.fmt, self.cfg = Path(out), check_format(fmt), cfg
-        self.shards = ShardedWriter(self.out, max_shard_bytes=max_shard_bytes, overwrite=True)
+        # ``shards``: another writer with ShardedWriter's add/close/abort (the streaming path's PlannedShardWriter)
+        self.shards = shards if shards is not None else ShardedWriter(self.out, max_shard_bytes=max_shard_bytes,
+                                                                      overwrite=True)
         self.labels: dict[str, str] = {}
         self.linears = set(cfg.linear_names())
         self.schemes: dict[str, str] = {}  # main-model linear -> scheme ("float" included)

@@ -36,6 +36,8 @@ def dequantize_fp8_blocks(weight: np.ndarray, scale_inv: np.ndarray, block: int 
     """float8_e4m3fn [rows, cols] and float32 scale_inv [ceil(rows/b), ceil(cols/b)] -> float32 [rows, cols]."""
     if weight.ndim != 2:
         raise ValueError(f"FP8 block weights must be 2-D, got shape {weight.shape}")
+    if weight.dtype.itemsize != 1:  # the lookup table below reads one byte per element
+        raise ValueError(f"FP8 block weights hold one byte per element (float8_e4m3fn), got {weight.dtype}")
     expected = scale_grid_shape(weight.shape, block)
     if tuple(scale_inv.shape) != expected:
         raise ValueError(f"scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for a weight of "

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UsageError
+
 
 @dataclass
 class SamplingParams:
@@ -35,19 +37,19 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def check(self) -> "SamplingParams":
-        """Raise ValueError naming the first out-of-range field."""
+        """Raise UsageError (a ValueError) naming the first out-of-range field."""
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
+            raise UsageError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+            raise UsageError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
+            raise UsageError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
         if not 0.0 < self.repetition_penalty <= 100.0:
-            raise ValueError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty!r}")
+            raise UsageError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            raise UsageError(f"seed must be an integer >= 0, got {self.seed!r}")
         return self
 
     @property
@@ -144,7 +146,8 @@ class Generator:
         from .loader import load_model
         from .tokenizer import load_tokenizer
 
-        return cls(net if net is not None else load_model(model_dir), load_tokenizer(model_dir))
+        tokenizer = load_tokenizer(model_dir)  # first: a missing tokenizer fails before the model is loaded
+        return cls(net if net is not None else load_model(model_dir), tokenizer)
 
     def encode(self, prompt: str) -> list[int]:
         """bos + the prompt's tokens (the tokenizer's own bos template is not applied twice)."""
@@ -156,7 +159,7 @@ class Generator:
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len + max_tokens > self.max_positions:
-            raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+            raise UsageError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                              f"context of {self.max_positions} positions")
 
     def generate(self, prompts: str | list[str], params: SamplingParams | None = None, use_cache: bool = True,
@@ -172,7 +175,7 @@ class Generator:
 
         params = (params or SamplingParams()).check()
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+            raise UsageError("every prompt needs at least one token")
         for p in prompts:
             self.check_length(len(p), params.max_tokens)
         b, width = len(prompts), max(len(p) for p in prompts)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from .checkpoint import CheckpointError, CheckpointReader
+from .checkpoint import CheckpointError, CheckpointReader, nonfinite_problem
+from .errors import UsageError
 from .runtime import setup_mindspore
 
 DESCRIPTION_FILE = "quantization_description.json"
@@ -22,7 +24,8 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 BACKENDS = ("cpu", "ascend")
 
 
-def load_model(path: str | Path, backend: str = "cpu", progress: bool = False, group_experts: bool = True):
+def load_model(path: str | Path, backend: str = "cpu", progress: bool = False, group_experts: bool = True,
+               verify: bool = False):
     """Build ``DeepseekV3ForCausalLM`` from a checkpoint folder, float or quantized.
 
     ``backend`` chooses the quantized cells: ``cpu`` (the exact integer twin, runs here) or ``ascend`` (the
@@ -32,9 +35,19 @@ def load_model(path: str | Path, backend: str = "cpu", progress: bool = False, g
     (``group_experts=False`` keeps one cell per expert).
     Quantized checkpoints load from either goldstick format: mindspore (``quantization_description.json``) or
     compressed-tensors (converted to the same cells by ``goldstick.export``, so the logits are the same).
+
+    Every shard's header is checked before use (byte ranges inside the file and not overlapping, sizes matching
+    dtype x shape, shapes matching config.json: ``CheckpointReader``). ``verify=True`` first runs the full
+    ``goldstick.verify`` (sha256 of every file against manifest.json, the description, finite positive scales) and
+    raises ``VerifyError`` listing every problem; it needs a checkpoint goldstick wrote (one with a manifest).
+    A float checkpoint with NaN or Inf weights loads with a warning naming the tensor (``quantize`` refuses it).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+        raise UsageError(f"backend {backend!r} is not one of {BACKENDS}")
+    if verify:
+        from .verification import verify as verify_checkpoint
+
+        verify_checkpoint(path).raise_if_failed()
     setup_mindspore()
     from .export import COMPRESSED_TENSORS, detect_format
     from .model import DeepseekV3ForCausalLM
@@ -48,15 +61,24 @@ def load_model(path: str | Path, backend: str = "cpu", progress: bool = False, g
         if description.exists():
             _load_quantized(net, reader, description, backend)
         else:
-            net.load_weights(reader.read_globals())
+            net.load_weights(_warn_nonfinite(reader, reader.read_globals()))
             for _, tensors in reader.iter_layers(progress=progress):
-                net.load_weights(tensors)
+                net.load_weights(_warn_nonfinite(reader, tensors))
     if backend == "ascend" and group_experts:
         from .ascend import group_routed_experts
 
         group_routed_experts(net)  # one GroupedMatmul per projection instead of the per-expert loop
     net.set_train(False)
     return net
+
+
+def _warn_nonfinite(reader: CheckpointReader, tensors: dict) -> dict:
+    """A float model with NaN/Inf weights still loads (to inspect it), with a warning naming each such tensor."""
+    for name, values in tensors.items():
+        problem = nonfinite_problem(reader.file_of(name), name, values)
+        if problem:
+            warnings.warn(f"{problem}; the model's outputs will not be finite", RuntimeWarning, stacklevel=3)
+    return tensors
 
 
 def _load_quantized(net, reader: CheckpointReader, description: Path, backend: str) -> None:

@@ -798,8 +798,12 @@ def _stored_bytes(cfg: ModelConfig, fp8: bool, dtype) -> int:
 
 
 def make_model(out_dir: str | Path, size: str = "tiny", fp8: bool = False, max_shard_bytes: int | None = None,
-               seed: int = 0, dtype: str | None = None, overwrite: bool = False) -> Path:
+               seed: int = 0, dtype: str | None = None, overwrite: bool = False,
+               overrides: dict | None = None) -> Path:
     """Write a deterministic DeepSeek-V3-architecture checkpoint of ``size`` into ``out_dir``; returns the path.
+
+    ``overrides`` replaces config fields of the size (e.g. ``{"hidden_size": 7168, "moe_intermediate_size": 2048}``
+    for R1-width layers in benchmarks); they are recorded in make_model.json.
 
     ``dtype`` is the storage type of the non-FP8 tensors: ``"f32"`` (default without ``fp8``) or ``"bf16"``
     (default with ``fp8``, as in R1). ``max_shard_bytes`` defaults to about a fifth of the checkpoint. The
@@ -814,6 +818,12 @@ def make_model(out_dir: str | Path, size: str = "tiny", fp8: bool = False, max_s
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
     cfg = size_config(size)
+    if overrides:
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cfg)})
+        if unknown:
+            raise ValueError(f"make_model overrides: {', '.join(unknown)} are not DeepSeek-V3 config fields")
+        cfg = dataclasses.replace(cfg, **overrides)
+        cfg.validate(source=f"make_model overrides {overrides}")  # refuse now, not after writing gigabytes
     cfg.torch_dtype = "float32" if dtype == "f32" and not fp8 else "bfloat16"
     if fp8:
         cfg.quantization_config = dict(R1_FP8_QUANTIZATION_CONFIG)
@@ -841,6 +851,7 @@ def make_model(out_dir: str | Path, size: str = "tiny", fp8: bool = False, max_s
         train_tokenizer(TOKENIZER_VOCAB, tmp, model_max_length=cfg.max_position_embeddings)
         write_json_atomic(tmp / "make_model.json", {
             "size": size, "seed": seed, "fp8": fp8, "dtype": dtype, "content_version": CONTENT_VERSION,
+            **({"overrides": dict(overrides)} if overrides else {}),
             "parameters": parameter_counts(cfg), "planted": builder.planted.to_json(),
             "bigram_channels": [int(c) for c in builder.bigram_channels], "statistics": builder.report})
         if out_dir.exists():
@@ -898,6 +909,8 @@ def add_make_model_parser(subparsers) -> argparse.ArgumentParser:
                    help="storage of the non-FP8 tensors (default f32, or bf16 with --fp8)")
     p.add_argument("--shard-size", type=float, default=None, metavar="MB", help="maximum shard size in MB")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=INT", dest="overrides",
+                   help="override an integer config field of the size, e.g. --set hidden_size=7168 (repeatable)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run_make_model)
     return p
@@ -905,8 +918,15 @@ def add_make_model_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_make_model(args: argparse.Namespace) -> int:
     shard = None if args.shard_size is None else int(args.shard_size * 1_000_000)
+    overrides = {}
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: expected KEY=INTEGER, e.g. hidden_size=7168") from None
     path = make_model(args.out, size=args.size, fp8=args.fp8, max_shard_bytes=shard, seed=args.seed,
-                      dtype=args.dtype, overwrite=args.overwrite)
+                      dtype=args.dtype, overwrite=args.overwrite, overrides=overrides or None)
     info = json.loads((path / "make_model.json").read_text())
     print(f"wrote {path} ({args.size}, {info['parameters']['total']:,} parameters)")
     return 0

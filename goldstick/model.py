@@ -118,6 +118,8 @@ class Linear(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x: Tensor) -> Tensor:
+        if x.ndim == 2:  # expert and router inputs: no reshapes (each is an op launch in PyNative)
+            return self.matmul(x, self.weight)
         lead = x.shape[:-1]
         y = self.matmul(x.reshape(-1, self.in_features), self.weight)
         return y.reshape(*lead, self.out_features)
@@ -245,6 +247,10 @@ class Router(nn.Cell):
     Per token: the n_group groups are ranked by the sum of their two best biased scores, the best topk_group groups
     are kept, the top num_experts_per_tok biased scores among them pick the experts, and their *unbiased* scores,
     renormalised (norm_topk_prob) and times routed_scaling_factor, weight the expert outputs.
+
+    The scores are computed on the device; the selection runs on the host (``route``): the MoE reads the routing
+    on the host anyway to dispatch tokens, and a dozen small device ops (each a thread-pool launch on CPU) cost more
+    than the numpy on [tokens, experts]. Outputs are Tensors viewing the host arrays, so ``asnumpy`` is free.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -255,22 +261,30 @@ class Router(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [T, hidden] -> (weights [T, k], expert ids [T, k])."""
-        cfg = self.cfg
-        t = x.shape[0]
-        scores = ops.sigmoid(self.matmul(x, self.weight))
-        biased = scores + self.e_score_correction_bias
-        per_group = cfg.n_routed_experts // cfg.n_group
-        group_scores = ops.topk(biased.reshape(t, cfg.n_group, per_group), 2)[0].sum(-1)
-        kept_groups = ops.topk(group_scores, cfg.topk_group)[1]
-        group_mask = ops.one_hot(kept_groups, cfg.n_group, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)).sum(1)
-        expert_mask = ops.broadcast_to(group_mask.reshape(t, cfg.n_group, 1), (t, cfg.n_group, per_group))
-        biased = ops.masked_fill(biased, expert_mask.reshape(t, -1) == 0, float("-inf"))
-        ids = ops.topk(biased, cfg.num_experts_per_tok)[1]
-        weights = ops.gather_elements(scores, 1, ids)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, ids
+        """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k] int32)."""
+        scores = ops.sigmoid(self.matmul(x, self.weight)).asnumpy()
+        weights, ids = route(self.cfg, scores, self.e_score_correction_bias.asnumpy())
+        return Tensor.from_numpy(weights), Tensor.from_numpy(ids)
+
+
+def route(cfg: ModelConfig, scores: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """noaux_tc routing of sigmoid scores [T, E] -> (weights [T, k] float32, ids [T, k] int32), best first; ties
+    go to the lower expert or group index."""
+    t, n_experts = scores.shape
+    biased = scores + bias
+    per_group = n_experts // cfg.n_group
+    grouped = biased.reshape(t, cfg.n_group, per_group)
+    group_scores = np.sort(grouped, axis=-1)[..., -2:].sum(-1)  # each group's two best
+    kept = np.argsort(-group_scores, axis=-1, kind="stable")[:, : cfg.topk_group]
+    allowed = np.zeros((t, cfg.n_group), dtype=bool)
+    np.put_along_axis(allowed, kept, True, axis=-1)
+    biased = np.where(np.repeat(allowed, per_group, axis=-1), biased, -np.inf)
+    ids = np.argsort(-biased, axis=-1, kind="stable")[:, : cfg.num_experts_per_tok]
+    weights = np.take_along_axis(scores, ids, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + np.float32(1e-20))
+    weights = (weights * np.float32(cfg.routed_scaling_factor)).astype(np.float32)
+    return np.ascontiguousarray(weights), np.ascontiguousarray(ids.astype(np.int32))
 
 
 def expert_bucket(rows: int) -> int:
@@ -280,11 +294,41 @@ def expert_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
+def dispatch_plan(ids: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Token dispatch for the routed experts from the routing ids [T, k], sorted by expert once per layer.
+
+    Returns ``rows`` (int32): the token rows each expert runs on, expert after expert, each expert's block padded to
+    ``expert_bucket`` rows by repeating its last row (PyNative caches per-op state for every new shape, and exact
+    per-expert counts would make that cache grow with every layer; a repeated real row leaves min/max statistics
+    unchanged and rows are independent, so the kept outputs are exact); ``where`` (int32, [T*k]): the position in
+    those blocks of each (token, slot) pair's output; ``blocks``: (expert, padded rows) for the experts with tokens.
+    """
+    t, k = ids.shape
+    flat = ids.reshape(-1)
+    order = np.argsort(flat, kind="stable")  # (token, slot) pairs grouped by expert, token order kept
+    counts = np.bincount(flat, minlength=n_experts)
+    tokens = order // k
+    rows, blocks = [], []
+    where = np.empty(t * k, dtype=np.int32)
+    start = done = 0
+    for e in np.nonzero(counts)[0]:
+        n = int(counts[e])
+        size = expert_bucket(n)
+        mine = tokens[done:done + n]
+        rows += [mine, np.full(size - n, mine[-1])]
+        where[order[done:done + n]] = np.arange(start, start + n)
+        blocks.append((int(e), size))
+        start, done = start + size, done + n
+    return np.concatenate(rows).astype(np.int32), where, blocks
+
+
 class MoE(nn.Cell):
     """Routed experts (each an MLP with its own HF-named linears) plus shared experts.
 
     Dispatch reads the routing on the host and runs each expert only on its tokens: on CPU there is no grouped
-    matmul, and per-expert calls let calibration hooks see exactly the tokens each expert serves.
+    matmul, and per-expert calls let calibration hooks see exactly the tokens each expert serves. The tokens are
+    sorted by expert once per call (``dispatch_plan``), so the device work outside the experts is a fixed handful of
+    ops (gather, split, cat, gather, weighted sum) whatever the number of experts.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -315,20 +359,18 @@ class MoE(nn.Cell):
             weights_np, ids_np = self.forced_routing.pop(0)
         else:
             ids_np, weights_np = ids.asnumpy(), weights.asnumpy()
-        out = ops.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            rows, slots = np.nonzero(ids_np == e)
-            if self.observe_all_experts:
+        if self.observe_all_experts:
+            for expert in self.experts:
                 expert(flat)  # statistics only; the routed computation below gives the output
-            if rows.size == 0:
-                continue
-            rows_t = Tensor(rows.astype(np.int32))
-            # Run the expert on a bucketed row count (the last row repeated): PyNative caches per-op state for every
-            # new shape, and exact per-expert counts would make that cache grow with every layer. Repeating a real
-            # row leaves min/max statistics unchanged, and rows are independent, so the kept outputs are exact.
-            padded = np.concatenate([rows, np.full(expert_bucket(rows.size) - rows.size, rows[-1])])
-            y = expert(ops.gather(flat, Tensor(padded.astype(np.int32)), 0))[: rows.size]
-            out = ops.index_add(out, rows_t, y * Tensor(weights_np[rows, slots].reshape(-1, 1)), 0)
+        t, k = ids_np.shape
+        rows, where, blocks = dispatch_plan(ids_np, len(self.experts))
+        # one gather of every expert's rows (blocks in expert order), one split, the experts, one gather back to
+        # (token, slot) order, and the weighted sum over the k slots
+        parts = ops.split(ops.gather(flat, Tensor(rows), 0), [size for _, size in blocks], 0)
+        ys = [self.experts[e](part) for (e, _), part in zip(blocks, parts)]
+        y = ops.cat(ys, 0) if len(ys) > 1 else ys[0]
+        picked = ops.gather(y, Tensor(where), 0).reshape(t, k, shape[-1])
+        out = (picked * Tensor(np.ascontiguousarray(weights_np, dtype=np.float32).reshape(t, k, 1))).sum(1)
         if self.has_shared:
             out = out + self.shared_experts(flat)
         return out.reshape(shape)
@@ -460,6 +502,21 @@ class KVCache:
         future = np.arange(self.capacity)[None, :] > (past + np.arange(s))[:, None]  # [S, C]
         forbidden = future[None, None] | ~keys[:, None, None, :]
         return Tensor(np.ascontiguousarray(positions)), Tensor(np.ascontiguousarray(forbidden))
+
+    def repeat(self, batch: int) -> "KVCache":
+        """A cache of ``batch`` copies of this one-sequence cache (a shared prompt prefix, computed once, then
+        continued by ``batch`` different suffixes). The copy owns its buffers: continuing it leaves this intact."""
+        if self.batch != 1:
+            raise ValueError(f"repeat() needs a one-sequence cache, this one holds {self.batch}")
+        copy = KVCache(len(self.latent), batch, absorb=self.absorb, block=self.block)
+        tile = (lambda t: None if t is None else ops.tile(t, (batch, 1, 1)))
+        copy.latent = [tile(t) for t in self.latent]
+        copy.k_rope = [tile(t) for t in self.k_rope]
+        copy.real = np.repeat(self.real, batch, axis=0)
+        copy.capacity = self.capacity
+        copy._write_at = self._write_at
+        copy._absorbed = self._absorbed  # folded weights depend on the network only
+        return copy
 
     def absorbed_weights(self, layer: int, attn: "Attention") -> tuple[Tensor, Tensor] | None:
         """(W_UK [H, nope, r], W_UV^T [H, r, v]) from a float kv_b_proj; None when it cannot be folded exactly."""

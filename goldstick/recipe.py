@@ -20,7 +20,10 @@ Schemes (every int8 weight is per-output-channel symmetric):
     w8a16         int8 weight, bf16 activation (weight-only)
     w8a8-static   int8 weight x int8 activation, per-tensor asymmetric, range calibrated offline;
                   optional outlier_suppression: none | smoothquant (alpha in (0, 1]) | osplus (shift + searched scale)
-    w8a8-dynamic  int8 weight x int8 activation, per-token symmetric, computed at run time (no calibration)
+    w8a8-dynamic  int8 weight x int8 activation, per-token symmetric, computed at run time (no calibration);
+                  optional outlier_suppression: smoothquant, only where the scale folds into the feeding norm
+                  (input_layernorm -> q_a_proj + kv_a_proj_with_mqa or q_proj; q_a_layernorm -> q_b_proj;
+                  kv_a_layernorm -> kv_b_proj): a dynamic linear has no per-channel input scale to carry it
 
 ``Recipe.plan(config)`` resolves a recipe against a model: every linear with its scheme and the rule that chose it.
 Linears that serving fuses must share a scheme (``FUSED_LINEARS``); the norms that feed linears, which is where
@@ -41,6 +44,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from goldstick.config import ModelConfig
+from goldstick.errors import GoldstickError
 
 SCHEMES = ("float", "w8a16", "w8a8-static", "w8a8-dynamic")
 OUTLIER_SUPPRESSIONS = ("none", "smoothquant", "osplus")
@@ -59,7 +63,7 @@ _HERE = Path(__file__).resolve().parent
 _RECIPE_DIRS = (_HERE.parent / "recipes", _HERE / "data" / "recipes")
 
 
-class RecipeError(ValueError):
+class RecipeError(GoldstickError, ValueError):
     """A recipe that cannot be used. ``problems`` lists every problem found, each a complete sentence."""
 
     def __init__(self, problems: list[str] | str):
@@ -176,7 +180,7 @@ class Scheme:
 
     name: str = _knob("float", _one_of(*SCHEMES), "float | w8a16 | w8a8-static | w8a8-dynamic")
     outlier_suppression: str = _knob("none", _one_of(*OUTLIER_SUPPRESSIONS),
-                                     "w8a8-static only: none | smoothquant | osplus")
+                                     "none | smoothquant (w8a8-static, w8a8-dynamic) | osplus (w8a8-static)")
     alpha: float | None = _knob(None, _optional_fraction, "SmoothQuant migration strength in (0, 1]")
 
     def __post_init__(self) -> None:
@@ -185,9 +189,12 @@ class Scheme:
     @staticmethod
     def _cross_problems(v: dict[str, Any]) -> list[tuple[str, str]]:
         problems = []
-        if v["outlier_suppression"] != "none" and v["name"] != "w8a8-static":
-            problems.append(("outlier_suppression", f"{v['outlier_suppression']!r} applies only to scheme "
-                                                    f"w8a8-static, not {v['name']}"))
+        if v["outlier_suppression"] == "osplus" and v["name"] != "w8a8-static":
+            problems.append(("outlier_suppression", f"'osplus' applies only to scheme w8a8-static, not {v['name']}"))
+        elif v["outlier_suppression"] == "smoothquant" and v["name"] not in ("w8a8-static", "w8a8-dynamic"):
+            # dynamic: the smoothing scale must fold into a norm (Plan checks which linears can)
+            problems.append(("outlier_suppression", f"'smoothquant' applies only to schemes w8a8-static and "
+                                                    f"w8a8-dynamic, not {v['name']}"))
         if v["alpha"] is not None and v["outlier_suppression"] != "smoothquant":
             problems.append(("alpha", "alpha is the SmoothQuant strength: set it only with "
                                       "outlier_suppression: smoothquant"))
@@ -392,6 +399,8 @@ class Recipe:
 # ---- YAML with line numbers ----------------------------------------------------------------------------------
 
 Loc = tuple  # a location inside the recipe: ("rules", 2, "scheme")
+_MAX_YAML_DEPTH = 32       # a recipe is 4 levels deep
+_MAX_YAML_NODES = 20_000   # ~5000 rules
 
 
 def _compose_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[tuple[int, str]]]:
@@ -402,13 +411,31 @@ def _compose_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[tup
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:  # PyYAML's parser recurses once per nesting level
+        raise RecipeError(f"{source}: not a recipe: the YAML is nested too deeply") from None
     if root is None:
         raise RecipeError(f"{source}: the file is empty")
     scalars = yaml.SafeLoader("")
     lines: dict[Loc, int] = {}
     problems: list[tuple[int, str]] = []
 
+    budget = [_MAX_YAML_NODES]
+
+    def scalar(node: yaml.Node) -> Any:
+        try:
+            return scalars.construct_object(node)
+        except Exception as exc:  # noqa: BLE001 - PyYAML's constructors raise anything (!!int 'x', bad !!timestamp)
+            line = node.start_mark.line + 1
+            problems.append((line, f"{source}:{line}: cannot read the value {node.value!r} tagged {node.tag} "
+                                   f"({getattr(exc, 'problem', None) or exc})"))
+            return None
+
     def build(node: yaml.Node, path: Loc) -> Any:
+        # aliases make the node graph a DAG (exponential "billion laughs") or a cycle: bound depth and size
+        budget[0] -= 1
+        if len(path) > _MAX_YAML_DEPTH or budget[0] < 0:
+            raise RecipeError(f"{source}:{node.start_mark.line + 1}: not a recipe: the YAML is nested more than "
+                              f"{_MAX_YAML_DEPTH} levels or has more than {_MAX_YAML_NODES} values (aliases?)")
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
@@ -417,7 +444,7 @@ def _compose_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[tup
                 if not isinstance(key_node, yaml.ScalarNode):
                     problems.append((line, f"{source}:{line}: keys must be plain words"))
                     continue
-                key = scalars.construct_object(key_node)
+                key = scalar(key_node)
                 if key in out:
                     problems.append((line, f"{source}:{line}: duplicate key {key!r}"))
                 lines[path + (key,)] = key_node.start_mark.line + 1
@@ -425,7 +452,7 @@ def _compose_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[tup
             return out
         if isinstance(node, yaml.SequenceNode):
             return [build(item, path + (i,)) for i, item in enumerate(node.value)]
-        return scalars.construct_object(node)
+        return scalar(node)
 
     return build(root, ()), lines, problems
 
@@ -730,6 +757,7 @@ class Plan:
                 errors.append(f"rule {i} ('{rules[i].match}') never applies: every linear it matches "
                               f"({matched[i]}) is taken by an earlier rule ({by}); move it up or remove it")
         errors += self._fused_errors()
+        errors += self._dynamic_smoothing_errors()
         self.errors: tuple[str, ...] = tuple(errors)
 
     # ---- problems ---------------------------------------------------------------------------------------------
@@ -764,6 +792,43 @@ class Plan:
         for (kind, why, _, _, label_a, by_a, label_b, by_b), (count, a, b) in splits.items():
             more = f"; {count - 1} more {kind} group{'s' if count > 2 else ''} split the same way" if count > 1 else ""
             errors.append(f"{a} ({label_a}, {by_a}) and {b} ({label_b}, {by_b}) must share a scheme: {why}{more}")
+        return errors
+
+    def _dynamic_smoothing_errors(self) -> list[str]:
+        """w8a8-dynamic + smoothquant: a dynamic linear has no per-channel input scale, so the smoothing scale must
+        fold into the norm that feeds it, which then divides the input of every linear that norm feeds."""
+        wanted = {e.name for e in self.entries
+                  if e.scheme.name == "w8a8-dynamic" and e.scheme.outlier_suppression == "smoothquant"}
+        if not wanted:
+            return []
+        problems: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+        grouped = set()
+        for layer in range(self.config.num_hidden_layers):
+            for group in smoothing_groups(self.config, layer):
+                if not wanted.intersection(group.linears):
+                    continue
+                grouped.update(group.linears)
+                norm = group.key.removeprefix(f"model.layers.{layer}.")
+                router = next((n for n in group.linears if n.endswith(".mlp.gate")), None)
+                first = self._by_name[group.linears[0]].scheme
+                other = next((n for n in group.linears if self._by_name[n].scheme != first), None)
+                if router is not None:
+                    why = f"{norm} also feeds the MoE router mlp.gate, whose weights stay float"
+                elif other is not None:
+                    why = (f"{norm} feeds linears with different schemes ({first.label} vs "
+                           f"{self._by_name[other].scheme.label}); every linear it feeds must share the scheme")
+                else:
+                    continue
+                for n in wanted.intersection(group.linears):
+                    problems[why][_template(n)].append(layer)
+        for n in wanted.difference(grouped):  # o_proj, down_proj, lm_head
+            m = _LAYER_RE.match(n)
+            problems["no norm feeds them"][_template(n)].append(int(m.group(1)) if m else -1)
+        errors = []
+        for why, names in problems.items():
+            listed = ", ".join(f"{t.replace('{L}', _ranges(ls))}" for t, ls in sorted(names.items()))
+            errors.append(f"w8a8-dynamic+smoothquant folds the smoothing scale into the feeding norm, which is not "
+                          f"possible for {listed}: {why} (use outlier_suppression: none for them)")
         return errors
 
     # ---- lookups ------------------------------------------------------------------------------------------------
@@ -810,7 +875,7 @@ class Plan:
     @property
     def needs_calibration(self) -> bool:
         """True when some linear needs activation statistics (static ranges or outlier suppression)."""
-        return any(e.scheme.static for e in self.entries)
+        return any(e.scheme.static or e.scheme.outlier_suppression != "none" for e in self.entries)
 
     # ---- output -------------------------------------------------------------------------------------------------
     def rows(self) -> list[tuple[str, int, str, str]]:

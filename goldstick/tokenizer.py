@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from .errors import TokenizerError
+
 DATA_DIR = Path(__file__).parent / "data"
 CORPUS_PATH = DATA_DIR / "tokenizer_corpus.txt"
 
@@ -130,9 +132,13 @@ def load_tokenizer(model_dir: str | Path) -> LoadedTokenizer:
     """``tokenizer.json`` of a model directory plus its bos/eos ids (from tokenizer_config.json, else config.json)."""
     model_dir = Path(model_dir)
     path = model_dir / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json")
-    tok = Tokenizer.from_file(str(path))
+    if not path.is_file():
+        raise TokenizerError(f"{model_dir}: no tokenizer.json (goldstick tokenizes calibration data, prompts and "
+                             "C-Eval questions with the model's own tokenizer; copy it from the source model)")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own untyped Exception for a malformed file
+        raise TokenizerError(f"{path}: not a readable tokenizer ({exc})") from None
     bos_id = eos_id = None
     tc_path = model_dir / "tokenizer_config.json"
     if tc_path.exists():

@@ -42,6 +42,9 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from .faults import stall
+from .errors import GoldstickError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' default "5GB"
@@ -68,7 +71,7 @@ _DTYPE_TAGS: dict[np.dtype, str] = {
 Placement = Callable[[str, np.ndarray], "int | None"]
 
 
-class WriterError(RuntimeError):
+class WriterError(GoldstickError, RuntimeError):
     """Misuse of a ShardedWriter (duplicate tensor, bad placement, use after close)."""
 
 
@@ -102,24 +105,38 @@ def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]
     """
     items = [(name, _little_endian(arr)) for name, arr in tensors]
     items.sort(key=lambda item: -item[1].dtype.itemsize)
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for name, arr in items:
-        header[name] = {"dtype": safetensors_dtype(arr.dtype), "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
+    blob, _ = safetensors_layout([(name, arr.dtype, arr.shape) for name, arr in items], metadata)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for _, arr in items:
+        for k, (_, arr) in enumerate(items):
+            if k == len(items) // 2:  # crash tests stop here: a file with a header and half its data
+                f.flush()
+                stall(path)
             if arr.nbytes:
                 f.write(memoryview(arr.reshape(-1).view(np.uint8)))
         f.flush()
         os.fsync(f.fileno())
+
+
+def safetensors_layout(specs: list[tuple[str, np.dtype, tuple]], metadata: dict[str, str] | None = None
+                       ) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The header of a safetensors file holding ``specs`` (name, dtype, shape) in this order, and where each
+    tensor's data will sit: name -> (absolute byte offset in the file, byte count). Callers sort ``specs``."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset, spans = 0, {}
+    for name, dtype, shape in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": safetensors_dtype(dtype), "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        spans[name] = (offset, nbytes)
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    start = 8 + len(blob)
+    return blob, {name: (start + off, n) for name, (off, n) in spans.items()}
 
 
 def _little_endian(arr: np.ndarray) -> np.ndarray:
@@ -316,3 +333,133 @@ def write_json_atomic(path: str | Path, obj: object) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+class PlannedShardWriter:
+    """Shards whose tensors are known (name, dtype, shape) before any data exists, written in place.
+
+    The streaming path (goldstick.stream) knows every output tensor from the plan, so instead of buffering a shard
+    in memory this writer lays the shards out up front, exactly as ``ShardedWriter`` would cut them for the same
+    ``add`` order (same shard boundaries, headers and data offsets, hence the same bytes), writes each header and
+    reserves the file's full size under a temporary name; the data is then written into place (``pwrite``) by
+    whoever computes it, in any order, from any process. Memory is the plan, not a shard.
+
+        w = PlannedShardWriter(out, max_shard_bytes)
+        w.add(name, spec)              # spec: anything with .dtype and .shape (e.g. a zero-stride placeholder)
+        w.open()                       # headers written, files reserved
+        path, offset, nbytes = w.location(name)   # where name's bytes go
+        w.close(metadata)              # fsync, rename to final names, index last (as ShardedWriter.close)
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, naming: str = "r1",
+                 shard_metadata: dict[str, str] | None = None, overwrite: bool = False):
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        shard_file_name(1, 1, naming)
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(p.name for p in self.out_dir.glob("model*.safetensors*") if not p.name.startswith("."))
+        if existing and not overwrite:
+            raise FileExistsError(f"{self.out_dir} already holds {existing[0]} (pass overwrite=True to replace)")
+        self.max_shard_bytes, self.naming = int(max_shard_bytes), naming
+        self.shard_metadata = {"format": "pt"} if shard_metadata is None else dict(shard_metadata)
+        self._tag = f".goldstick-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._shards: list[list[tuple[str, np.dtype, tuple]]] = [[]]
+        self._open_bytes = 0
+        self._names: set[str] = set()
+        self._where: dict[str, tuple[Path, int, int]] = {}
+        self._paths: list[Path] = []
+        self.total_size = 0
+        self._state = "planning"
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def add(self, name: str, spec) -> None:
+        """Plan one tensor (the ShardedWriter rule: a new shard when this one would pass the cap)."""
+        if self._state != "planning":
+            raise WriterError(f"this PlannedShardWriter is {self._state}; tensors are planned before open()")
+        if name in self._names:
+            raise WriterError(f"duplicate tensor name {name!r}: it was already added to this checkpoint")
+        dtype, shape = np.dtype(spec.dtype), tuple(int(d) for d in spec.shape)
+        safetensors_dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if self._shards[-1] and self._open_bytes + nbytes > self.max_shard_bytes:
+            self._shards.append([])
+            self._open_bytes = 0
+        self._shards[-1].append((name, dtype, shape))
+        self._open_bytes += nbytes
+        self._names.add(name)
+        self.total_size += nbytes
+
+    def open(self) -> None:
+        """Write every shard's header and reserve its size (temporary names); then ``location`` works."""
+        if self._state != "planning":
+            raise WriterError(f"this PlannedShardWriter is {self._state}")
+        self._state = "open"
+        try:
+            for number, specs in enumerate(self._shards, start=1):
+                specs = sorted(specs, key=lambda s: -s[1].itemsize)  # as write_safetensors orders data
+                blob, spans = safetensors_layout(specs, self.shard_metadata)
+                tmp = self.out_dir / f"{self._tag}-{number:05d}.safetensors.partial"
+                self._paths.append(tmp)  # recorded first so abort() removes a half-made file too
+                size = 8 + len(blob) + sum(n for _, n in spans.values())
+                with open(tmp, "wb") as f:
+                    f.write(struct.pack("<Q", len(blob)))
+                    f.write(blob)
+                    f.truncate(size)
+                    if size > 8 + len(blob):  # reserve the blocks now: a full disk fails here, not midway
+                        os.posix_fallocate(f.fileno(), 8 + len(blob), size - 8 - len(blob))
+                for name, (offset, nbytes) in spans.items():
+                    self._where[name] = (tmp, offset, nbytes)
+        except BaseException:
+            self.abort()
+            raise
+
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """(temporary shard path, absolute byte offset, byte count) of a planned tensor's data."""
+        if self._state != "open":
+            raise WriterError(f"this PlannedShardWriter is {self._state}; call open() first")
+        return self._where[name]
+
+    @property
+    def paths(self) -> list[Path]:
+        return list(self._paths)
+
+    def close(self, metadata: dict | None = None) -> Path:
+        """fsync every shard, rename them to their final names, write the index last; returns its path."""
+        if self._state != "open":
+            raise WriterError(f"this PlannedShardWriter is {self._state}")
+        n = len(self._paths)
+        names = [shard_file_name(i, n, self.naming) for i in range(1, n + 1)]
+        final: list[Path] = []
+        try:
+            for tmp in self._paths:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            for tmp, name in zip(self._paths, names):
+                os.replace(tmp, self.out_dir / name)
+                final.append(self.out_dir / name)
+            weight_map = {name: names[k] for k, specs in enumerate(self._shards) for name, _, _ in specs}
+            index_meta = {"total_size": self.total_size}
+            index_meta.update(metadata or {})
+            index_path = write_json_atomic(self.out_dir / INDEX_NAME,
+                                           {"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))})
+        except BaseException:
+            for path in final:
+                path.unlink(missing_ok=True)
+            self.abort()
+            raise
+        self._state = "closed"
+        self.shard_names = names
+        return index_path
+
+    def abort(self) -> None:
+        """Remove every temporary shard; the writer cannot be used afterwards."""
+        for tmp in self._paths:
+            tmp.unlink(missing_ok=True)
+        self._paths, self._where = [], {}
+        self._state = "aborted"

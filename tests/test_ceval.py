@@ -195,6 +195,28 @@ def test_merged_letter_falls_back_to_continuation_likelihood(tokenizer):
         np.testing.assert_allclose(run.scores[i], lp[merged], rtol=1e-6)
 
 
+def test_shared_prefix_scores_equal_whole_prompt_scores(tokenizer):
+    """Prefilling a subject's header and shots once, then each question on a copy of that cache, gives the scores of
+    running every prompt whole (to float rounding) and the same answers."""
+    from goldstick.make_model import default_model_path
+    from goldstick.loader import load_model
+
+    tok = tokenizer.tokenizer
+    data = ce.load_ceval(FIXTURE, "val", subjects="computer_network,basic_medicine", shots=5)
+    requests, letters = ce.tokenize_requests(tok, data.questions(), data.dev, 5, tokenizer.bos_id, max_len=None)
+    plans = ce.shared_prefixes(requests)
+    assert set(plans) == {"computer_network/5", "basic_medicine/5"}
+    for rows, length in plans.values():
+        prompts = [requests[r].ids for r in rows]
+        assert all(p[:length] == prompts[0][:length] for p in prompts) and all(len(p) > length for p in prompts)
+        assert length > 0.5 * min(len(p) for p in prompts)  # five shots: most of each prompt is shared
+    net = load_model(default_model_path())
+    shared = ce.score_requests(net, requests, letters, batch_tokens=600, progress=False, share_prefix=True)
+    whole = ce.score_requests(net, requests, letters, batch_tokens=600, progress=False, share_prefix=False)
+    assert np.abs(shared - whole).max() <= 1e-5 * np.abs(whole).max()
+    np.testing.assert_array_equal(shared.argmax(1), whole.argmax(1))
+
+
 def test_long_prompts_drop_shots_then_truncate(tokenizer):
     tok = tokenizer.tokenizer
     data = ce.load_ceval(FIXTURE, "val", subjects="computer_network", limit=1, shots=5)
@@ -453,6 +475,11 @@ def test_real_data_loads():
     assert sum(len(v) for v in val.dev.values()) == 260
     assert sum(len(v) for k, v in val.items.items() if k in ce.HARD) == 152
     assert all("\r" not in q.question for q in val.questions())
+    import csv
+
+    for subject, shots in val.dev.items():  # five-shot takes the dev rows in file order
+        with open(Path(REAL) / "dev" / f"{subject}_dev.csv", encoding="utf-8", newline="") as f:
+            assert [q.id for q in shots] == [row["id"] for row in csv.DictReader(f)][:5]
 
 
 @needs_real

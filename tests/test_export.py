@@ -510,18 +510,18 @@ def test_cli_export_and_refusal(built, tmp_path, capsys):
                 "--out", str(tmp_path / "ct")]) == 0
     assert "exported" in capsys.readouterr().out
     assert_complete_folder(tmp_path / "ct")
-    assert cli(["export", str(tmp_path / "ct"), "--format", "compressed-tensors", "--out", str(tmp_path / "y")]) == 1
+    assert cli(["export", str(tmp_path / "ct"), "--format", "compressed-tensors", "--out", str(tmp_path / "y")]) == 2
     assert "already in the compressed-tensors format" in capsys.readouterr().err
     assert cli(["export", str(built("deepseek-r1-w8a8-static-naive")), "--format", "compressed-tensors",
-                "--out", str(tmp_path / "z")]) == 1
+                "--out", str(tmp_path / "z")]) == 2
     assert "static int8 activations on routed MoE experts" in capsys.readouterr().err
-    assert cli(["export", str(tmp_path / "ct"), "--format", "mindspore", "--out", str(tmp_path / "ct")]) == 1
+    assert cli(["export", str(tmp_path / "ct"), "--format", "mindspore", "--out", str(tmp_path / "ct")]) == 2
     assert "not empty" in capsys.readouterr().err
 
 
 def test_cli_quantize_format_refusal(tmp_path, capsys):
     assert cli(["quantize", "deepseek-r1-w8a8-mixed", "--format", "compressed-tensors", "--out",
-                str(tmp_path / "q"), "--no-progress"]) == 1
+                str(tmp_path / "q"), "--no-progress"]) == 2
     assert "OS+ shift folded into a norm bias" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
 

@@ -233,7 +233,7 @@ def test_generate_command(capsys):
     assert "4 tokens in" in cached[-1] and "tokens/s (KV cache" in cached[-1] and "(no cache" in plain[-1]
     assert cli(["generate", model, "我爱", "--max-tokens", "3", "--temperature", "0.8", "--top-p", "0.9",
                 "--top-k", "20", "--repetition-penalty", "1.2", "--seed", "1"]) == 0
-    assert cli(["generate", model, "x", "--top-p", "2"]) == 1  # a ValueError is reported, not raised
+    assert cli(["generate", model, "x", "--top-p", "2"]) == 2  # a UsageError is reported, not raised
     assert "top_p" in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ from goldstick.recipe import (DEFAULT_RECIPE, FEEDING_NORMS, SCHEMES, Calibratio
 from small_configs import small_config
 
 SHIPPED = ["deepseek-r1-w8a16", "deepseek-r1-w8a8-dynamic", "deepseek-r1-w8a8-mixed",
-           "deepseek-r1-w8a8-smoothquant", "deepseek-r1-w8a8-static-naive"]
+           "deepseek-r1-w8a8-smoothquant", "deepseek-r1-w8a8-static-naive", "deepseek-w8a8-dynamic-smoothquant"]
 ALWAYS_FLOAT = ("mlp.gate", "self_attn.kv_b_proj")
 
 
@@ -70,6 +70,7 @@ SMALL_COUNTS = {
     "deepseek-r1-w8a8-dynamic": {"float": 8, "w8a16": 0, "w8a8-static": 0, "w8a8-dynamic": 100},
     "deepseek-r1-w8a16": {"float": 8, "w8a16": 100, "w8a8-static": 0, "w8a8-dynamic": 0},
     "deepseek-r1-w8a8-static-naive": {"float": 8, "w8a16": 0, "w8a8-static": 100, "w8a8-dynamic": 0},
+    "deepseek-w8a8-dynamic-smoothquant": {"float": 8, "w8a16": 0, "w8a8-static": 0, "w8a8-dynamic": 100},
 }
 # R1: 61 layers (3 dense), 256 experts -> 45091 linears. Float: 61 kv_b + 58 routers + lm_head = 120.
 R1_COUNTS = {
@@ -78,6 +79,7 @@ R1_COUNTS = {
     "deepseek-r1-w8a8-dynamic": {"float": 120, "w8a16": 0, "w8a8-static": 0, "w8a8-dynamic": 44971},
     "deepseek-r1-w8a16": {"float": 120, "w8a16": 44971, "w8a8-static": 0, "w8a8-dynamic": 0},
     "deepseek-r1-w8a8-static-naive": {"float": 120, "w8a16": 0, "w8a8-static": 44971, "w8a8-dynamic": 0},
+    "deepseek-w8a8-dynamic-smoothquant": {"float": 120, "w8a16": 0, "w8a8-static": 0, "w8a8-dynamic": 44971},
 }
 
 
@@ -485,8 +487,8 @@ def test_from_dict_reports_locations_without_lines():
 def test_python_objects_validate_where_they_are_born():
     with pytest.raises(RecipeError, match="Scheme.name: bad value 'w4a16'"):
         Scheme("w4a16")
-    with pytest.raises(RecipeError, match="applies only to scheme w8a8-static"):
-        Scheme("w8a8-dynamic", outlier_suppression="smoothquant")
+    with pytest.raises(RecipeError, match="applies only to schemes w8a8-static and w8a8-dynamic"):
+        Scheme("w8a16", outlier_suppression="smoothquant")
     with pytest.raises(RecipeError, match="Rule.match: invalid regex"):
         Rule("(", "float")
     with pytest.raises(RecipeError) as excinfo:

@@ -1,0 +1,274 @@
+"""Calibration forward speed: goldstick's MindSpore network against transformers' DeepseekV3, same checkpoint.
+
+For each size, one random-weight DeepSeek-V3 checkpoint is written by transformers (``save_pretrained``) and read
+by both tools. The timed work is what layer-wise calibration does (goldstick.engine's float pass): the calibration
+batches' hidden states go through the decoder layers one layer at a time, every batch through layer i before
+layer i+1, with forward pre-hooks keeping a running per-channel min/max of every linear's input.
+
+  * goldstick: ``engine.LayerQuantizer.observe`` itself (MindSpore PyNative, fp32, the engine's hooks, which also
+    record the router's choices).
+  * transformers: ``DeepseekV3DecoderLayer`` in fp32 under ``torch.no_grad``; pre-hooks on every ``nn.Linear``
+    keep min/max with ``torch.aminmax``; transformers 5 stores routed experts as fused 3-D tensors with no
+    per-expert module, so a pre-hook on the experts module keeps each expert's input min/max (its down_proj
+    input is not observed: the torch side does slightly less statistics work). Two set-ups: ``eager`` (eager
+    attention, eager expert loop) and ``default`` (what from_pretrained picks on CPU: sdpa attention, grouped_mm
+    experts).
+
+The tools run alternately, ``--rounds`` times each, after one warm-up pass each; a pass's tokens/s is calibration
+tokens / wall seconds of the whole layer-by-layer pass (embedding lookup and checkpoint loading not included).
+The median round is reported, and goldstick's median divided by each transformers median. Both use the same
+number of intra-op threads (``--threads``, default 2: torch.set_num_threads and MindSpore's CPU kernel threads).
+The final hidden states of the two tools are compared as a check that they compute the same thing.
+
+    python benchmarks/forward_speed.py [--sizes tiny wide] [--batch 4] [--seq-len 256] [--batches 2] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")  # numpy/OpenBLAS read it when first imported
+
+import numpy as np  # noqa: E402
+
+# tiny: the embedded default model's shapes (goldstick.make_model "tiny"); wide: the issue's wide benchmark size
+SIZES = {
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64,
+                 qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, intermediate_size=512,
+                 moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=4),
+    "wide": dict(hidden_size=2048, num_hidden_layers=4, num_attention_heads=16, q_lora_rank=768, kv_lora_rank=512,
+                 qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, intermediate_size=5632,
+                 moe_intermediate_size=1024, n_routed_experts=16, num_experts_per_tok=4),
+}
+COMMON = dict(vocab_size=1024, n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1,
+              routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=1024, rope_theta=10000.0,
+              rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+
+
+def set_threads(n: int) -> None:
+    """The same intra-op thread count for both tools (numpy/OpenBLAS too, via the environment, set before import)."""
+    import torch
+    import mindspore as ms
+
+    torch.set_num_threads(n)
+    ms.device_context.cpu.op_tuning.threads_num(n)
+
+
+def write_checkpoint(directory: Path, size: str, seed: int = 0) -> None:
+    """A transformers DeepseekV3 with seeded random weights (fan-in scaled, so activations stay O(1) through the
+    layers), saved in the HF layout both tools read."""
+    import torch
+    import transformers
+
+    config = transformers.DeepseekV3Config(**COMMON, **SIZES[size], num_key_value_heads=SIZES[size]["num_attention_heads"])
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif "embed" in name:
+                param.normal_(0.0, 1.0)
+            else:
+                param.normal_(0.0, 1.0 / math.sqrt(param.shape[-1]))
+        for name, buf in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                buf.normal_(0.0, 0.05)
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+# ---- transformers side ------------------------------------------------------------------------------------------
+class TorchCalibration:
+    def __init__(self, directory: Path, impl: str):
+        import torch
+        import transformers
+
+        kwargs = dict(attn_implementation="eager", experts_implementation="eager") if impl == "eager" else {}
+        self.torch = torch
+        self.model = transformers.DeepseekV3ForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+        self.impl = f"{self.model.config._attn_implementation} attention, " \
+                    f"{self.model.config._experts_implementation} experts"
+        self.stats: dict[str, list] = {}
+
+    def inputs(self, ids: list[np.ndarray]):
+        from transformers.masking_utils import create_causal_mask
+
+        torch, inner = self.torch, self.model.model
+        prepared = []
+        with torch.no_grad():
+            for batch in ids:
+                h = inner.embed_tokens(torch.from_numpy(batch.astype(np.int64)))
+                pos = torch.arange(batch.shape[1]).unsqueeze(0)
+                mask = create_causal_mask(config=self.model.config, inputs_embeds=h, attention_mask=None, cache=None,
+                                          position_ids=pos)
+                prepared.append((h, pos, mask, inner.rotary_emb(h, pos)))
+        return prepared
+
+    def _keep(self, name: str, x):
+        lo, hi = self.torch.aminmax(x, dim=0)
+        if name in self.stats:
+            self.torch.minimum(self.stats[name][0], lo, out=self.stats[name][0])
+            self.torch.maximum(self.stats[name][1], hi, out=self.stats[name][1])
+        else:
+            self.stats[name] = [lo, hi]
+
+    def _hooks(self, layer, prefix: str) -> list:
+        from torch import nn
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3TopkRouter
+
+        handles = []
+        for name, module in layer.named_modules():
+            full = prefix + name
+            if isinstance(module, nn.Linear):
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, full=full: self._keep(full, args[0].reshape(-1, m.in_features))))
+            elif isinstance(module, DeepseekV3TopkRouter):
+                def route(m, args, out, full=full):
+                    counts = self.torch.bincount(out[2].reshape(-1), minlength=m.num_experts)
+                    self.stats[full] = self.stats.get(full, 0) + counts
+                handles.append(module.register_forward_hook(route))
+            elif isinstance(module, DeepseekV3Experts):
+                def experts(m, args, full=full):
+                    x, top_k = args[0], args[1]
+                    for e in range(m.num_experts):
+                        rows = (top_k == e).any(-1).nonzero().squeeze(-1)
+                        if rows.numel():
+                            self._keep(f"{full}.{e}", x[rows])
+                handles.append(module.register_forward_pre_hook(experts))
+        return handles
+
+    def calibrate(self, prepared) -> list:
+        """One layer-by-layer float pass over every batch, hooks on; returns the last layer's outputs."""
+        torch = self.torch
+        hidden = [h for h, *_ in prepared]
+        with torch.no_grad():
+            for i, layer in enumerate(self.model.model.layers):
+                handles = self._hooks(layer, f"model.layers.{i}.")
+                hidden = [layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+                          for h, (_, pos, mask, pe) in zip(hidden, prepared)]
+                for handle in handles:
+                    handle.remove()
+        return [h.numpy() for h in hidden]
+
+
+# ---- goldstick side ---------------------------------------------------------------------------------------------
+class GoldstickCalibration:
+    def __init__(self, directory: Path):
+        from goldstick import engine
+        from goldstick.checkpoint import CheckpointReader
+        from goldstick.recipe import load_recipe
+
+        self.engine = engine
+        self.reader = CheckpointReader(directory)
+        self.cfg = self.reader.config
+        self.recipe = load_recipe("deepseek-r1-w8a8-mixed")
+        self.plan = self.recipe.plan(self.cfg)
+        self.layers = None
+
+    def inputs(self, ids: list[np.ndarray]):
+        batches = self.engine._prepare_batches(self.cfg, SimpleNamespace(batches=ids))
+        embed = self.reader.read("model.embed_tokens.weight")
+        # the layers are built (weights read and set) once, outside the timed passes, as transformers' are
+        self.layers = [self.engine.LayerQuantizer(self.cfg, i, self.reader.read_layer(i), self.plan, self.recipe,
+                                                  batches, [])
+                       for i in range(self.cfg.num_hidden_layers)]
+        return [embed[b] for b in ids]
+
+    def calibrate(self, hidden) -> list:
+        """The engine's float pass (observe), layer by layer; returns the last layer's outputs."""
+        for lq in self.layers:
+            lq.hidden = hidden
+            hidden = lq.observe(self.recipe.options.moe_calibrate_all_experts)
+        return hidden
+
+
+# ---- the benchmark ----------------------------------------------------------------------------------------------
+def run_size(size: str, args) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"forward-speed-{size}-") as tmp:
+        write_checkpoint(Path(tmp), size)
+        tools = {"goldstick": GoldstickCalibration(Path(tmp))}
+        for impl in args.torch:
+            tools[f"transformers {impl}"] = TorchCalibration(Path(tmp), impl)
+        rng = np.random.default_rng(args.seed)
+        ids = [rng.integers(3, COMMON["vocab_size"], (args.batch, args.seq_len), dtype=np.int32)
+               for _ in range(args.batches)]
+        prepared = {name: tool.inputs(ids) for name, tool in tools.items()}
+    tokens = args.batch * args.seq_len * args.batches
+    outputs = {name: tool.calibrate(prepared[name]) for name, tool in tools.items()}  # warm-up (shape caches)
+    ref = np.concatenate([o.reshape(-1) for o in outputs["goldstick"]])
+    agreement = {}
+    for name, out in outputs.items():
+        got = np.concatenate([o.reshape(-1) for o in out])
+        agreement[name] = float(np.abs(got - ref).max() / np.abs(ref).max())
+    seconds = {name: [] for name in tools}
+    order = list(tools)
+    for r in range(args.rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
+            started = time.perf_counter()
+            tools[name].calibrate(prepared[name])
+            seconds[name].append(time.perf_counter() - started)
+    labels = {name: name if name == "goldstick" else f"{name} ({tools[name].impl})" for name in tools}
+    return dict(size=size, tokens=tokens, seconds=seconds, agreement=agreement, labels=labels)
+
+
+def report(result: dict, args) -> None:
+    size, tokens = result["size"], result["tokens"]
+    shape = {k: SIZES[size][k] for k in ("hidden_size", "num_hidden_layers", "n_routed_experts",
+                                         "moe_intermediate_size", "num_experts_per_tok")}
+    print(f"\n{size}: {shape}; {args.batches} batches x {args.batch} x {args.seq_len} tokens = {tokens} tokens "
+          f"per pass, {args.rounds} rounds (alternating)")
+    print(f"  {'tool':72} {'tok/s per round':>26} {'median':>8}  max|diff| vs goldstick")
+    medians = {}
+    for name, secs in result["seconds"].items():
+        rates = [tokens / s for s in secs]
+        medians[name] = statistics.median(rates)
+        rounds = " ".join(f"{r:.0f}" for r in rates)
+        print(f"  {result['labels'][name]:72} {rounds:>26} {medians[name]:>8.0f}  "
+              f"{result['agreement'][name]:.1e}")
+    for name in medians:
+        if name != "goldstick":
+            print(f"  ratio goldstick / {name}: {medians['goldstick'] / medians[name]:.2f}x")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "wide"], choices=sorted(SIZES))
+    parser.add_argument("--batch", type=int, default=4, help="sequences per batch")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=2, help="calibration batches per pass")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--torch", nargs="+", default=["eager", "default"], choices=["eager", "default"],
+                        help="transformers set-ups to compare with")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from goldstick.runtime import setup_mindspore
+
+    setup_mindspore()
+    set_threads(args.threads)
+    import mindspore
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+    print(f"threads: torch.set_num_threads({args.threads}), mindspore op_tuning.threads_num({args.threads}), "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, mindspore {mindspore.__version__}, {os.cpu_count()} CPUs, fp32")
+    for size in args.sizes:
+        report(run_size(size, args), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
