@@ -234,9 +234,12 @@ def test_sigkill_at_random_moments_and_mid_writes_then_resume_is_byte_identical(
 def test_ctrl_c_gives_one_message_and_a_resumable_state(uninterrupted, tmp_path):
     want, _ = uninterrupted[CALIBRATED]
     out = tmp_path / "interrupted"
-    # Ctrl-C between layers: after layer 1 is committed, somewhere in layer 2
-    proc = start(CALIBRATED, out)
-    wait_for(proc, lambda: (finished_layer(out) if finished_layer(out) is not None else -1) >= 1, "layer 1")
+    # Ctrl-C in layer 2, after layer 1 is committed: held in the write of layer 2's work file, so that a fast machine
+    # cannot finish the run before the signal lands
+    marker = tmp_path / "stalled-layer"
+    proc = start(CALIBRATED, out, stall=".layer-00002.safetensors.tmp.safetensors", marker=marker)
+    wait_for(proc, marker.exists, "the write of layer 2's work file")
+    assert finished_layer(out) == 1
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 130, stderr
