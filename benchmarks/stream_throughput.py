@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="folder on the disk to measure (default: a temporary folder)")
     ap.add_argument("--models", default=None, help="keep the made models in this folder (and reuse them)")
     args = ap.parse_args()
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="goldstick-stream-bench-", dir=args.workdir))
     models = Path(args.models) if args.models else root
     models.mkdir(parents=True, exist_ok=True)
