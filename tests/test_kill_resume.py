@@ -53,7 +53,14 @@ def start(recipe: str, out: Path, *extra: str, stall: str | None = None, marker:
     args = [a for a in ARGS if a != "--no-progress" or not progress]
     return subprocess.Popen([sys.executable, "-m", "goldstick.cli", "quantize", recipe, "--model",
                              str(default_model_path()), "--out", str(out), *args, *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    # a shell starts background jobs with SIGINT ignored, and Python then never turns SIGINT into
+    # KeyboardInterrupt: give the child the disposition an interactive Ctrl-C would meet
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def layer_phase_started(proc: subprocess.Popen) -> threading.Event:
