@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt as exc:  # quantize says how to resume
-        print(f"goldstick: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"goldstick: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
     except (GoldstickError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
             PermissionError) as exc:
