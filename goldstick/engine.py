@@ -806,6 +806,15 @@ def _check_work_files(out: Path, work: Path, state: dict) -> None:
                             "quantize again without --resume")
 
 
+def write_checkpoint_metadata(writer, cfg, recipe: Recipe, plan: Plan, source: Path, out: Path) -> None:
+    """What every quantized checkpoint carries besides its tensors (both the layer and the streaming path)."""
+    from .export import copy_side_files, write_text_atomic
+
+    writer.write_config(cfg.to_dict(), recipe.name, plan.counts_by_label())
+    copy_side_files(source, out)
+    write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
+
+
 def _remove_temporaries(out: Path) -> None:
     """Half-written files a killed run left in the output (shard and metadata temporaries, never final names)."""
     for path in out.iterdir():
@@ -855,7 +864,7 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
     """
     from safetensors import safe_open
 
-    from .export import CheckpointWriter, copy_side_files, write_text_atomic
+    from .export import CheckpointWriter, write_text_atomic
 
     cfg = reader.config
     layer_reports = []
@@ -889,9 +898,7 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
         raise
     writer.close(what=f"recipe {recipe.name or '(unnamed)'}")
 
-    writer.write_config(cfg.to_dict(), recipe.name, plan.counts_by_label())
-    copy_side_files(reader.path, out)
-    write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
+    write_checkpoint_metadata(writer, cfg, recipe, plan, reader.path, out)
     report = {
         "recipe": recipe.name,
         "model": str(reader.path),

@@ -318,9 +318,9 @@ class StreamStats:
 def stream_quantize(model, recipe, out, executor=None, workers: int | None = None, progress: bool = True,
                     max_shard_bytes: int = 4 << 30, resume: bool = False, ray_address: str | None = None):
     """Quantize with a data-free recipe by streaming (see the module docstring); returns a QuantizeResult."""
-    from .engine import QuantizeError, QuantizeResult
+    from .engine import QuantizeError, QuantizeResult, _remove_temporaries, write_checkpoint_metadata
     from .executors import Executor, get_executor
-    from .export import MINDSPORE, CheckpointWriter, copy_side_files, write_manifest, write_text_atomic
+    from .export import MINDSPORE, CheckpointWriter, write_manifest, write_text_atomic
     from .writer import PlannedShardWriter, write_json_atomic
 
     started = time.time()
@@ -344,8 +344,6 @@ def stream_quantize(model, recipe, out, executor=None, workers: int | None = Non
             raise QuantizeError(f"{out} holds a finished run (manifest.json): nothing to resume")
         # a streamed run keeps no partial state worth resuming (it costs one read of the source): remove what
         # it left (hidden temporary shards and metadata temporaries) and start again
-        from .engine import _remove_temporaries
-
         _remove_temporaries(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -379,9 +377,7 @@ def stream_quantize(model, recipe, out, executor=None, workers: int | None = Non
             ex.close()
         reader.close()
     seconds = time.time() - started
-    writer.write_config(cfg.to_dict(), recipe.name, plan.counts_by_label())
-    copy_side_files(reader.path, out)
-    write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
+    write_checkpoint_metadata(writer, cfg, recipe, plan, reader.path, out)
     report = {
         "recipe": recipe.name,
         "model": str(reader.path),
