@@ -295,11 +295,16 @@ def estimate(m: dict, disk_gbps: float) -> dict:
     b = batch_tokens // seq
     scores = 3 * b * r1.num_attention_heads * seq * seq * 4  # scores, masked scores, probabilities of one batch
     today = bytes_per_param * moe_p + activations + scores
+    # the engine's lean loop (engine.LayerQuantizer(lean=True)): tensors read one at a time into the network (4 B/param
+    # once), routed experts streamed in float and resident as int8, one activation set replaced in place, batches
+    # cut to one sequence (engine.batch_rows) -- derived from the parameter counts, not measured on the probe
+    lean_rows = max(1, min((1 << 22) // (r1.num_attention_heads * seq * seq), (1 << 21) // (seq * r1.hidden_size)))
     per_expert = {
-        "float attention + shared expert (4 B/param, twice: arrays + network)": 8 * (attn_p + expert_params(r1)),
+        "float attention + shared expert (4 B/param, once)": 4 * (attn_p + expert_params(r1)),
         "routed experts as int8 (1 B/param) + one expert's f32 at a time": r1.n_routed_experts * expert_params(r1)
-        + 8 * expert_params(r1),
-        "activations": activations, "attention scores of one batch": scores}
+        + 4 * expert_params(r1),
+        "activations (one set, outputs replace inputs)": cal_tokens * r1.hidden_size * 4,
+        f"attention scores of one batch ({lean_rows} sequence)": 3 * lean_rows * r1.num_attention_heads * seq * seq * 4}
     return dict(cpu=cpu, npu=npu, disk=disk, stats_bytes=stats_bytes, expert_calls=expert_calls, cal_tokens=cal_tokens, batches=batches, search_forwards=search_forwards,
                 attn_rate=attn_rate, attn_tok=attn_tok, expert_row=expert_row, expert_call=expert_call,
                 rows_per_expert=rows_per_expert, moe_params=moe_p, dense_params=dense_p, total_params=total_p,
@@ -356,7 +361,8 @@ def report(m: dict, e: dict, disk_gbps: float) -> None:
         print(f"  {k:34} {hours(v)}")
     print(f"  {'total (no overlap)':34} {hours(total_npu)}")
     print(f"  {'disk: 640 GB at ' + f'{disk_gbps:g} GB/s':34} {hours(e['disk'])}   (overlappable with compute)")
-    print("\npeak host memory, one R1 MoE layer resident (the engine today: read_layer reads the whole layer):")
+    print("\npeak host memory, one R1 MoE layer resident, as the probe measures it (LayerQuantizer not lean, as "
+          "goldstick.analyze runs it: read_layer reads the whole layer):")
     print(f"  measured {e['bytes_per_param']:.1f} B/param at the probe's worst phase ({e['worst_phase']}) x "
           f"{e['moe_params'] / 1e9:.2f} G params = {e['bytes_per_param'] * e['moe_params'] / gb:.0f} GB")
     float_pass = m["observe"]["peak"] / m["params"]
@@ -366,7 +372,7 @@ def report(m: dict, e: dict, disk_gbps: float) -> None:
     print(f"  + attention scores of one batch (2 x 128 heads x 2048^2, 3 live copies) {e['scores'] / gb:.1f} GB")
     print(f"  = {e['today'] / gb:.0f} GB")
     per_expert = sum(e["per_expert"].values())
-    print("with per-expert reads and int8 experts resident (not implemented; see docs/r1-estimate.md):")
+    print("the engine's lean loop (implemented since; derived from parameter counts, see docs/r1-estimate.md):")
     for k, v in e["per_expert"].items():
         print(f"  {k:70} {v / gb:6.1f} GB")
     print(f"  = {per_expert / gb:.0f} GB")

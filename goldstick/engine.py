@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from .calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration
 from .checkpoint import CheckpointError, CheckpointReader, nonfinite_problem
 from .files import sha256_file
 from .recipe import Plan, Recipe, load_recipe, smoothing_groups
-from .runtime import setup_mindspore
+from .runtime import release_memory, setup_mindspore
 from .writer import write_json_atomic, write_safetensors
 from .errors import GoldstickError
 
@@ -83,24 +84,15 @@ def quantize_weight(w: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
 
     q = clip(rint(float64(w) / float64(scale)), low, 127) row by row. The scale depends on a row's absmax alone,
     so ``alg`` is given the [out, 1] absmax column (same scale, same NaN/inf check, without quantizing the whole
-    weight a second time); the division runs over ~512 KB blocks of rows with reused buffers (5x faster than one
-    whole-tensor expression, same values: tests/test_stream.py checks it against that expression).
+    weight a second time); the division runs in one fused pass (goldstick.kernels, numba) or, without numba, over
+    ~512 KB blocks of rows (same values: tests/test_stream.py checks both against the whole-tensor expression).
     """
+    from . import kernels
+
     w = np.asarray(w, dtype=np.float32)
     absmax = np.max(np.abs(w), axis=-1, keepdims=True) if w.shape[-1] else np.zeros((w.shape[0], 1), np.float32)
-    scale = bf16_ceil(alg.quantize_weight_per_channel(absmax, mode=mode).scale)
-    low = -128 if mode == "gs" else -127
-    q = np.empty(w.shape, np.int8)
-    s64 = scale.astype(np.float64)[:, None]
-    step = max(1, (1 << 16) // max(w.shape[1], 1))
-    buf = np.empty((min(step, w.shape[0]), w.shape[1]), np.float64)
-    for r in range(0, w.shape[0], step):
-        b = buf[: min(step, w.shape[0] - r)]
-        np.divide(w[r:r + step], s64[r:r + step], out=b)  # float32 promoted to float64 exactly, then divided
-        np.rint(b, out=b)
-        np.maximum(b, low, out=b)
-        np.minimum(b, 127, out=b)
-        q[r:r + step] = b
+    scale = kernels.row_scales(absmax, mode)
+    q = kernels.quantize_rows(w, scale, -128 if mode == "gs" else -127)
     return q, scale
 
 
@@ -154,24 +146,60 @@ class LayerQuantizer:
     """Quantizes one decoder layer in place according to its plan entries."""
 
     def __init__(self, cfg, layer_index: int, tensors: dict[str, np.ndarray], plan: Plan, recipe: Recipe,
-                 batches: list, hidden: list[np.ndarray], executor=None):
-        from .model import DecoderLayer, Linear, RMSNorm
+                 batches: list, hidden: list[np.ndarray], executor=None, lean: bool = False):
+        """``lean`` (the engine's layer loop): allow the attention-only float pass (below), and let ``measure``
+        replace the items of ``hidden`` with the layer's outputs as they arrive (the caller's list: the next
+        layer's inputs, without a second copy). goldstick.analyze needs the float layer on every token: not lean."""
+        from mindspore import Tensor
+
+        from .model import DecoderLayer, Linear, MoE, RMSNorm, StreamedLinear, parameter_placeholders
+        from .qlinear import replace_cell
 
         self.cfg, self.index, self.plan, self.recipe = cfg, layer_index, plan, recipe
         self.executor = executor  # a goldstick.executors.Executor for the weight-only/dynamic linears, or None
         self.prefix = f"model.layers.{layer_index}."
         self.batches, self.hidden = batches, hidden
-        self.layer = DecoderLayer(cfg, layer_index)
+        self.entries = {e.name: e for e in plan.for_layer(layer_index)}
+        self.needs_stats = {n for n, e in self.entries.items()
+                            if e.scheme.static or e.scheme.outlier_suppression != "none"}
+        # When no MLP linear needs activation statistics and the next layer reads the quantized outputs, the float
+        # pass over all calibration tokens only has to go through the attention (for its statistics): the float
+        # layer then runs on a bounded token sample only (the OS+ search's targets, the report's SQNR), and the
+        # MLP (most of a DeepSeek layer's work) runs once, quantized. Same checkpoint as the full float pass.
+        self.lean = lean
+        self.attention_only = lean and recipe.options.inputs_from == "quantized" and not any(
+            n.startswith(self.prefix + "mlp.") for n in self.needs_stats)
+        with parameter_placeholders():  # every parameter is set from ``tensors`` below
+            self.layer = DecoderLayer(cfg, layer_index)
         self.layer.update_parameters_name(self.prefix)
+        # ``tensors`` (LayerTensors) reads each tensor when asked for. With ``attention_only`` the routed experts
+        # run in float only on the token sample, once each: they read their weight at the call (StreamedLinear),
+        # so the experts are never all held in float32 at once
+        self.source = tensors
+        self.streamed = set()
+        if self.attention_only and isinstance(self.layer.mlp, MoE):
+            for local, cell in list(self.layer.mlp.experts.cells_and_names()):
+                if isinstance(cell, Linear):
+                    name = f"{self.prefix}mlp.experts.{local}"
+                    replace_cell(self.layer, f"mlp.experts.{local}", StreamedLinear(
+                        cell.in_features, cell.out_features, lambda name=name: self.weight(f"{name}.weight")),
+                        full_name=name)
+                    self.streamed.add(name)
         params = {p.name: p for p in self.layer.get_parameters()}
-        for name, array in tensors.items():
+        self.float_tensors = {}
+        for name in tensors:
+            if name.rpartition(".")[0] in self.streamed:
+                continue
             if name not in params:
                 raise QuantizeError(f"layer {layer_index}: checkpoint tensor {name!r} has no place in the network")
-            params[name].set_data(_tensor(array))
-        self.float_tensors = tensors
-        self.linears = {self.prefix + n: c for n, c in self.layer.cells_and_names() if isinstance(c, Linear)}
+            array = self.float_tensors[name] = np.ascontiguousarray(tensors[name], dtype=np.float32)
+            params[name].set_data(Tensor.from_numpy(array))  # shares the array
+        unset = sorted(set(params) - set(self.float_tensors))
+        if unset:
+            raise QuantizeError(f"layer {layer_index}: the checkpoint has no tensor for {', '.join(unset)}")
+        self.linears = {self.prefix + n: c for n, c in self.layer.cells_and_names()
+                        if isinstance(c, (Linear, StreamedLinear))}
         self.norms = {self.prefix + n: c for n, c in self.layer.cells_and_names() if isinstance(c, RMSNorm)}
-        self.entries = {e.name: e for e in plan.for_layer(layer_index)}
         self.stats: dict[str, RunningStats] = {}
         self.expert_tokens: np.ndarray | None = None
         self.moe_sample: list[np.ndarray] = []
@@ -179,8 +207,17 @@ class LayerQuantizer:
         self.transforms: dict[str, Transform] = {}
         self.act_params: dict[str, alg.ActQuantParams] = {}
         self.linear_noise: dict[str, list[float]] = {}
-        self.reference: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        # a linear's float reference for its SQNR: (weight, bias) on what the cell receives, or None = its
+        # checkpoint weight, read again when measured (a streamed expert)
+        self.reference: dict[str, tuple[np.ndarray, np.ndarray | None] | None] = {}
         self.report: dict = {}
+        self.sample = self._sample()
+
+    def weight(self, name: str) -> np.ndarray:
+        """A float32 checkpoint tensor of this layer: the loaded one, or read now (a streamed expert's)."""
+        if name in self.float_tensors:
+            return self.float_tensors[name]
+        return np.ascontiguousarray(self.source[name], dtype=np.float32)
 
     # ---- float pass ---------------------------------------------------------------------------
     def run(self, inputs: list[np.ndarray], batches: list | None = None) -> list[np.ndarray]:
@@ -190,7 +227,10 @@ class LayerQuantizer:
         return outs
 
     def observe(self, all_experts: bool) -> list[np.ndarray]:
-        """Float pass with statistics hooks; returns the float outputs of every calibration batch."""
+        """Float pass with statistics hooks; returns the float outputs of every calibration batch (of the token
+        sample only, when ``attention_only``)."""
+        if self.attention_only:
+            return self._observe_attention()
         handles = []
         for name, cell in self.linears.items():
             stats = self.stats.setdefault(name, RunningStats())
@@ -222,6 +262,33 @@ class LayerQuantizer:
                 self.layer.mlp.observe_all_experts = False
         self._fill_unseen_experts()
         return outputs
+
+    def _stats_hook(self, name: str):
+        stats = self.stats.setdefault(name, RunningStats())
+        return self.linears[name].register_forward_pre_hook(
+            lambda cell, inputs: stats.update(inputs[0].asnumpy().reshape(-1, cell.in_features)))
+
+    def _observe_attention(self) -> list[np.ndarray]:
+        """The attention's statistics over every calibration token, then the float layer on the token sample."""
+        handles = [self._stats_hook(name) for name in sorted(self.needs_stats)]
+        try:
+            if handles:
+                for (ids, cos, sin, mask), h in zip(self.batches, self.hidden):
+                    self.layer.self_attn(self.layer.input_layernorm(_tensor(h)), cos, sin, mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        router = getattr(self.layer.mlp, "gate", None)
+        handle = None
+        if router is not None:  # the float routing of the sample, reused by the OS+ search
+            handle = router.register_forward_hook(
+                lambda cell, inputs, output: self.routes.append((output[0].asnumpy(), output[1].asnumpy())))
+        try:
+            batches, hidden = self.sample
+            return self.run(hidden, batches)
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def _fill_unseen_experts(self) -> None:
         """An expert no calibration token reached gets statistics from the layer's bounded MoE input sample."""
@@ -264,7 +331,7 @@ class LayerQuantizer:
         mode = options.weight_rounding
         if self.executor is not None and len(weight_quant) > 1:
             done = self.executor.map(quantize_weight_unit,
-                                     [(self.float_tensors[f"{n}.weight"], mode) for n in weight_quant])
+                                     [(self.weight(f"{n}.weight"), mode) for n in weight_quant])
         else:
             done = [None] * len(weight_quant)
         for name, result in zip(weight_quant, done):
@@ -288,7 +355,10 @@ class LayerQuantizer:
             if method == "osplus":
                 search_jobs.append(([name], None))
         if search_jobs:
-            sample = self._search_batches(float_outputs)
+            if self.attention_only:
+                sample = (*self.sample, float_outputs)  # the float pass ran on the sample only
+            else:
+                sample = (*self.sample, [t[: len(ids)] for t, (ids, *_) in zip(float_outputs, self.sample[0])])
             for members, norm in search_jobs:
                 self._search_osplus(members, norm, sample, options.osplus_grid)
         for name, norm in self.norms.items():
@@ -338,7 +408,7 @@ class LayerQuantizer:
         if method == "smoothquant":
             alpha = self.entries[members[0]].scheme.alpha
             alpha = self.recipe.options.smoothquant_alpha if alpha is None else alpha
-            weights = [self.float_tensors[f"{m}.weight"] for m in members]
+            weights = [self.weight(f"{m}.weight") for m in members]
             scale = alg.smoothquant_scales(stats.absmax, weights, alpha=alpha)
             return Transform(scale, zeros, norm, {"alpha": float(alpha)})
         shift = alg.osplus_shift(stats.minimum, stats.maximum)
@@ -348,25 +418,27 @@ class LayerQuantizer:
         from .qlinear import replace_cell
 
         replace_cell(self.layer, name[len(self.prefix):], cell, full_name=name)
+        cell.cache_weight = False  # see QuantLinearBase: the engine would otherwise hold the layer in float32 twice
         self.linears[name] = cell
 
     def _set_float(self, name: str) -> None:
         from .model import Linear
 
-        w = bf16_round(self.float_tensors[f"{name}.weight"])
+        source = self.weight(f"{name}.weight")
+        w = bf16_round(source)
         cell = Linear(w.shape[1], w.shape[0])
         cell.weight.set_data(_tensor(w))
         self._set_cell(name, cell)
-        self.reference[name] = (self.float_tensors[f"{name}.weight"], None)
+        self.reference[name] = (source, None)
 
     def _set_weight_quant(self, name: str, scheme: str, quantized: tuple | None = None) -> None:
         from .qlinear import DynamicW8A8Linear, W8A16Linear
 
-        w = self.float_tensors[f"{name}.weight"]
-        q, scale = quantized or quantize_weight(w, self.recipe.options.weight_rounding)
+        if quantized is None:
+            quantized = quantize_weight(self.weight(f"{name}.weight"), self.recipe.options.weight_rounding)
         cls = W8A16Linear if scheme == "w8a16" else DynamicW8A8Linear
-        self._set_cell(name, cls(q, scale))
-        self.reference[name] = (w, None)
+        self._set_cell(name, cls(*quantized))
+        self.reference[name] = None if name in self.streamed else (self.weight(f"{name}.weight"), None)
 
     def _set_dynamic_smoothed(self, name: str, t: Transform) -> None:
         """Dynamic W8A8 on x / s with s folded into the feeding norm: the norm's stored (bf16) weight defines s."""
@@ -376,7 +448,7 @@ class LayerQuantizer:
         new_gamma = bf16_round(gamma / t.scale)
         scale = np.where(new_gamma != 0, gamma / np.where(new_gamma != 0, new_gamma, 1), t.scale).astype(np.float32)
         self.norms[t.folded_into].weight.set_data(_tensor(new_gamma))
-        w = self.float_tensors[f"{name}.weight"] * scale[None, :]
+        w = self.weight(f"{name}.weight") * scale[None, :]
         q, w_scale = quantize_weight(w, self.recipe.options.weight_rounding)
         self._set_cell(name, DynamicW8A8Linear(q, w_scale))
         self.transforms[name] = Transform(scale, np.zeros_like(scale), t.folded_into, dict(t.details))
@@ -386,7 +458,7 @@ class LayerQuantizer:
         """Quantize one static linear under transform t; for a folded t also (re)write the norm's weight/bias."""
         from .qlinear import StaticW8A8Linear
 
-        w = self.float_tensors[f"{name}.weight"]
+        w = self.weight(f"{name}.weight")
         stats = self.stats[name]
         scale, shift = t.scale, t.shift
         if t.folded_into:
@@ -434,19 +506,19 @@ class LayerQuantizer:
         else:
             norm.set_bias(bias, f"{norm_name}.bias")
 
-    def _search_batches(self, float_outputs: list[np.ndarray]) -> tuple[list, list, list]:
-        """The bounded sample the OS+ search runs on: whole sequences, about ``token_sample`` tokens."""
+    def _sample(self) -> tuple[list, list]:
+        """The bounded token sample (batches, inputs) the OS+ search runs on: whole sequences, about
+        ``token_sample`` tokens, from the first batches."""
         want = self.recipe.options.token_sample
-        batches, hidden, targets, tokens = [], [], [], 0
-        for (ids, cos, sin, mask), h, target in zip(self.batches, self.hidden, float_outputs):
+        batches, hidden, tokens = [], [], 0
+        for (ids, cos, sin, mask), h in zip(self.batches, self.hidden):
             rows = min(len(ids), max(1, -(-(want - tokens) // ids.shape[1])))
             batches.append((ids[:rows], cos[:rows], sin[:rows], mask[:rows]))
             hidden.append(h[:rows])
-            targets.append(target[:rows])
             tokens += rows * ids.shape[1]
             if tokens >= want:
                 break
-        return batches, hidden, targets
+        return batches, hidden
 
     def _search_osplus(self, members: list[str], norm: str | None, sample, grid: int) -> None:
         batches, hidden, targets = sample
@@ -483,15 +555,51 @@ class LayerQuantizer:
 
     # ---- quantized pass, report and tensors -------------------------------------------------
     def measure(self, float_outputs: list[np.ndarray]) -> list[np.ndarray]:
-        """Quantized pass: outputs, layer SQNR and per-linear SQNR against the float linear on the same input."""
+        """Quantized pass: outputs, layer SQNR and per-linear SQNR against the float linear on the same input.
+
+        With ``attention_only`` the SQNRs are measured on the token sample (where the float outputs are known) and
+        the pass over every calibration token runs without the float references: they would cost a second, float,
+        matmul per linear."""
+        if not self.attention_only:
+            sums, outputs = self._quantized_pass(self.hidden, self.batches)
+            self._report(sums, float_outputs, outputs, self.hidden)
+            return outputs
+        batches, hidden = self.sample
+        sums, sample_outputs = self._quantized_pass(hidden, batches)
+        self.reference.clear()  # the float weights are not needed any more: free them before the big pass
+        for name in self.linears:
+            self.float_tensors.pop(f"{name}.weight", None)
+        release_memory()  # the replaced float cells sit in reference cycles (hooks): collect them now
+        router = getattr(self.layer.mlp, "gate", None)
+        handle = None
+        if router is not None:  # routed coverage, counted on the quantized pass (the float one saw the sample only)
+            self.expert_tokens = np.zeros(self.cfg.n_routed_experts, dtype=np.int64)
+
+            def count(cell, inputs, output):
+                self.expert_tokens += np.bincount(output[1].asnumpy().reshape(-1), minlength=self.cfg.n_routed_experts)
+            handle = router.register_forward_hook(count)
+        try:
+            outputs = self.hidden  # each input is dropped as its output arrives (lean: the caller's list)
+            for b, ((ids, cos, sin, mask), h) in enumerate(zip(self.batches, self.hidden)):
+                outputs[b] = self.layer(_tensor(h), cos, sin, mask).asnumpy()
+        finally:
+            if handle is not None:
+                handle.remove()
+        if router is not None:
+            self.unseen = [int(e) for e in np.nonzero(self.expert_tokens == 0)[0]]
+        self._report(sums, float_outputs, sample_outputs, hidden)
+        return outputs
+
+    def _quantized_pass(self, hidden: list, batches: list) -> tuple[dict, list[np.ndarray]]:
+        """Run the quantized layer, summing each linear's signal and noise power against its float reference on
+        the same input."""
         sums = {n: [0.0, 0.0] for n in self.linears}
         handles = []
         for name, cell in self.linears.items():
-            ref_w, ref_c = self.reference[name]
-
-            def hook(cell, inputs, output, name=name, ref_w=ref_w, ref_c=ref_c):
+            def hook(cell, inputs, output, name=name):
                 # float32 reference (an SQNR of int8 noise needs no more), sums in float64: wide layers would
                 # otherwise hold float64 copies of every input and output
+                ref_w, ref_c = self.reference[name] or (self.weight(f"{name}.weight"), None)
                 x = inputs[0].asnumpy().reshape(-1, ref_w.shape[1])
                 ref = x @ ref_w.T.astype(np.float32, copy=False)
                 if ref_c is not None:
@@ -502,18 +610,22 @@ class LayerQuantizer:
                 sums[name][1] += _sum_squares(ref)
             handles.append(cell.register_forward_hook(hook))
         try:
-            outputs = self.run(self.hidden)
+            outputs = self.run(hidden, batches)
         finally:
             for handle in handles:
                 handle.remove()
+        return sums, outputs
+
+    def _report(self, sums: dict, float_outputs: list, outputs: list, hidden: list) -> None:
         # layer SQNR batch by batch: no concatenated copies of the calibration activations
         totals = np.zeros(4)
-        for r, g, h in zip(float_outputs, outputs, self.hidden):
+        for r, g, h in zip(float_outputs, outputs, hidden):
             totals += [_sum_squares(r), _sum_squares(r - g), _sum_squares(r - h), _sum_squares((r - h) - (g - h))]
         self.report = {
             "layer": self.index,
             "sqnr_db": _round(_sqnr(totals[0], totals[1])),
             "delta_sqnr_db": _round(_sqnr(totals[2], totals[3])),
+            "sqnr_tokens": int(sum(h.shape[0] * h.shape[1] for h in hidden)),
             "linears": {},
         }
         for name, entry in self.entries.items():
@@ -547,8 +659,12 @@ class LayerQuantizer:
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Every tensor of the quantized layer in its storage dtype, with its description label."""
+        from .model import StreamedLinear
         from .qlinear import QuantLinearBase
 
+        left = [n for n, c in self.linears.items() if isinstance(c, StreamedLinear)]
+        if left:  # every plan entry replaces its cell; a streamed one has no tensors to write
+            raise QuantizeError(f"layer {self.index}: no quantized or float cell was made for {', '.join(left)}")
         out = {}
         labels = {}
         for p in self.layer.get_parameters():
@@ -617,12 +733,24 @@ def _prepare_batches(cfg, calib: CalibrationSet) -> list:
 
     rotary = RotaryTables(cfg)
     prepared = []
-    for ids in calib.batches:
-        ids_t = Tensor(ids)
-        positions, mask = positions_and_mask(ids_t, None)
-        cos, sin = rotary(positions)
-        prepared.append((ids, cos, sin, mask))
+    for whole in calib.batches:
+        rows = batch_rows(cfg, whole.shape[1])
+        for start in range(0, len(whole), rows):
+            ids = whole[start:start + rows]
+            positions, mask = positions_and_mask(Tensor(ids), None)
+            cos, sin = rotary(positions)
+            prepared.append((ids, cos, sin, mask))
     return prepared
+
+
+def batch_rows(cfg, seq_len: int, score_budget: int = 1 << 22, hidden_budget: int = 1 << 21) -> int:
+    """Sequences per forward batch: attention scores [rows, heads, seq, seq] within ``score_budget`` elements and
+    hidden states [rows * seq, hidden] within ``hidden_budget`` (16 MB / 8 MB in float32), at least one sequence.
+    MindSpore's CPU memory pool keeps its peak for the life of the process, so the biggest batch's temporaries set
+    the RSS; below these sizes the per-op overhead starts to cost more than the smaller matmuls save."""
+    per_scores = cfg.num_attention_heads * seq_len * seq_len
+    per_hidden = seq_len * cfg.hidden_size
+    return max(1, min(score_budget // per_scores, hidden_budget // per_hidden))
 
 
 def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "deepseek-r1-w8a8-mixed",
@@ -739,8 +867,8 @@ def _run_layers(out: Path, work: Path, state: dict, reader: CheckpointReader, re
     bar = _progress(layers, progress, cfg.num_hidden_layers, state["finished"] + 1)
     for i in bar:
         started = time.time()
-        layer_tensors = {name: _read_finite(reader, name) for name in reader.layer_tensor_names(i)}
-        lq = LayerQuantizer(cfg, i, layer_tensors, plan, recipe, batches, hidden, executor=executor)
+        lq = LayerQuantizer(cfg, i, LayerTensors(reader, i), plan, recipe, batches, hidden, executor=executor,
+                            lean=True)
         float_outputs = lq.observe(recipe.options.moe_calibrate_all_experts)
         lq.quantize(float_outputs)
         quant_outputs = lq.measure(float_outputs)
@@ -758,13 +886,31 @@ def _run_layers(out: Path, work: Path, state: dict, reader: CheckpointReader, re
         if progress:
             bar.set_postfix_str(f"layer {i}: SQNR {lq.report['sqnr_db']} dB, {time.time() - started:.1f}s")
         del lq, tensors, float_outputs, quant_outputs
-        gc.collect()  # hooks and swapped cells form reference cycles; free the layer now, not later
+        release_memory()  # hooks and swapped cells form reference cycles; free the layer now, not later
         if stop_after_layer is not None and i >= stop_after_layer and i < cfg.num_hidden_layers - 1:
             raise QuantizeError(f"stopped after layer {i} as asked; continue with resume=True")
 
     final_logits = _final_logits(reader, hidden[0])
     report = _assemble(out, work, reader, recipe, plan, calib, max_shard_bytes, export_format)
     return QuantizeResult(out=out, plan=plan, report=report, final_logits=final_logits)
+
+
+class LayerTensors(Mapping):
+    """A layer's checkpoint tensors, each read (and refused if not finite) when asked for."""
+
+    def __init__(self, reader: CheckpointReader, layer: int):
+        self.reader, self.names = reader, reader.layer_tensor_names(layer)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        return _read_finite(self.reader, name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _read_finite(reader: CheckpointReader, name: str) -> np.ndarray:
@@ -862,37 +1008,27 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
     The engine's tensors are in the mindspore layout; ``export.CheckpointWriter`` writes them in ``export_format``,
     one layer at a time.
     """
-    from safetensors import safe_open
-
     from .export import CheckpointWriter, write_text_atomic
+    from .writer import PlacedShards, PlannedShardWriter
 
     cfg = reader.config
-    layer_reports = []
     _remove_temporaries(out)  # an earlier, killed assembly may have left some
-    writer = CheckpointWriter(out, export_format, cfg, max_shard_bytes)
+    if export_format == "mindspore":
+        # plan the shards from dtypes and shapes (ShardedWriter's cut, same bytes), then write each tensor into
+        # place as it is read: memory is one layer's tensors, not a shard (Golden-Stick's cap: 4 GB)
+        planned = PlannedShardWriter(out, max_shard_bytes=max_shard_bytes, overwrite=True)
+        _add_checkpoint_tensors(CheckpointWriter(out, export_format, cfg, max_shard_bytes, shards=planned),
+                                reader, work, placeholders=True)
+        writer = CheckpointWriter(out, export_format, cfg, max_shard_bytes, shards=PlacedShards(planned))
+        try:
+            planned.open()
+        except BaseException:
+            writer.abort()
+            raise
+    else:  # compressed-tensors derives some tensors from values: buffered shards
+        writer = CheckpointWriter(out, export_format, cfg, max_shard_bytes)
     try:
-        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-            writer.add(name, "FLOAT", bf16_round(reader.read(name)).astype(BF16))
-        for i in range(cfg.num_hidden_layers):
-            meta = json.loads((work / f"layer-{i:05d}.json").read_text())
-            layer_reports.append(meta["report"])
-            labels = meta["labels"]
-            owners: dict[str, dict] = {}
-            with safe_open(work / f"layer-{i:05d}.safetensors", framework="numpy") as f:
-                for name in sorted(f.keys()):
-                    if labels[name] == "FLOAT":
-                        writer.add(name, "FLOAT", f.get_tensor(name))
-                    else:
-                        owner, _, local = name.rpartition(".")
-                        owners.setdefault(owner, {})[local] = f.get_tensor(name)
-            for owner, tensors in owners.items():
-                writer.add(owner, labels[f"{owner}.weight"], tensors)
-        # MTP passes through unquantized, in bf16 like every float tensor (FP8 dequantized); the router's
-        # e_score_correction_bias stays float32 as in the decoder layers
-        for name in reader.mtp_tensor_names():
-            raw = reader.read_raw(name)
-            keep_f32 = name.endswith("e_score_correction_bias") and raw.dtype == np.float32
-            writer.add(name, "FLOAT", raw if keep_f32 else _read_finite(reader, name).astype(BF16))
+        layer_reports = _add_checkpoint_tensors(writer, reader, work, placeholders=False)
     except BaseException:
         writer.abort()
         raise
@@ -911,6 +1047,50 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
     _write_manifest(out)
     shutil.rmtree(work)
     return report
+
+
+def _add_checkpoint_tensors(writer, reader: CheckpointReader, work: Path, placeholders: bool) -> list[dict]:
+    """Add every tensor of the quantized checkpoint to ``writer`` in the writing order: globals, each layer's work
+    file (float tensors, then each quantized linear's), MTP. ``placeholders``: zero-stride arrays of the right
+    dtype and shape, no data read (to plan shards). Returns the layers' reports."""
+    from safetensors import safe_open
+
+    from .checkpoint import STORED_DTYPES
+
+    def value(read, dtype, shape):
+        return np.broadcast_to(np.zeros((), dtype), tuple(shape)) if placeholders else read()
+
+    cfg = reader.config
+    reports = []
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        writer.add(name, "FLOAT", value(lambda: bf16_round(reader.read(name)).astype(BF16), BF16, reader.shape(name)))
+    for i in range(cfg.num_hidden_layers):
+        meta = json.loads((work / f"layer-{i:05d}.json").read_text())
+        reports.append(meta["report"])
+        labels = meta["labels"]
+        owners: dict[str, dict] = {}
+        with safe_open(work / f"layer-{i:05d}.safetensors", framework="numpy") as f:
+            for name in sorted(f.keys()):
+                if placeholders:
+                    info = f.get_slice(name)
+                    array = value(None, STORED_DTYPES[info.get_dtype()], info.get_shape())
+                else:
+                    array = f.get_tensor(name)
+                if labels[name] == "FLOAT":
+                    writer.add(name, "FLOAT", array)
+                else:
+                    owner, _, local = name.rpartition(".")
+                    owners.setdefault(owner, {})[local] = array
+        for owner, tensors in owners.items():
+            writer.add(owner, labels[f"{owner}.weight"], tensors)
+    # MTP passes through unquantized, in bf16 like every float tensor (FP8 dequantized); the router's
+    # e_score_correction_bias stays float32 as in the decoder layers
+    for name in reader.mtp_tensor_names():
+        keep_f32 = name.endswith("e_score_correction_bias") and reader.dtype(name) == "F32"
+        writer.add(name, "FLOAT", value(
+            lambda: reader.read_raw(name) if keep_f32 else _read_finite(reader, name).astype(BF16),
+            np.float32 if keep_f32 else BF16, reader.shape(name)))
+    return reports
 
 
 def _write_manifest(out: Path) -> None:

@@ -699,12 +699,14 @@ def scheme_counts(schemes: dict[str, str]) -> dict[str, int]:
     return dict(counts)
 
 
-def write_manifest(out: Path, **extra) -> None:
-    """manifest.json, last: sha256 and size of every other file (the same shape quantize writes)."""
+def write_manifest(out: Path, known: dict[str, str] | None = None, **extra) -> None:
+    """manifest.json, last: sha256 and size of every other file (the same shape quantize writes). ``known``: sha256
+    the caller already computed, by relative path (the streaming path hashes each shard as soon as it is written)."""
     files = {}
     for path in sorted(Path(out).rglob("*")):
         if path.is_file() and path.name != "manifest.json" and not path.name.startswith("."):
-            files[str(path.relative_to(out))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            rel = str(path.relative_to(out))
+            files[rel] = {"sha256": (known or {}).get(rel) or sha256_file(path), "bytes": path.stat().st_size}
     write_json_atomic(Path(out) / "manifest.json", {"producer": "goldstick", **extra, "files": files})
 
 

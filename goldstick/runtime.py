@@ -23,3 +23,20 @@ def setup_mindspore() -> None:
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.runtime.launch_blocking()
     _READY = True
+
+
+def release_memory(collect: bool = True) -> None:
+    """Collect garbage (``collect``: ~0.1 s with MindSpore loaded) and give freed heap memory back to the OS.
+
+    glibc raises its mmap threshold after a big block is freed, so later float32 weights come from the heap and
+    stay in the RSS after they are freed (a 16-expert layer: ~700 MB, measured); malloc_trim returns them.
+    """
+    import ctypes
+    import gc
+
+    if collect:
+        gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

@@ -7,13 +7,20 @@ statistics: each output tensor is a function of one source tensor. So instead of
     plans      every output tensor (name, dtype, shape, label) in the order the engine writes them, and the shards
                exactly as the engine's writer cuts them (``PlannedShardWriter``: headers written, files reserved)
     splits     every source tensor into units of rows (whole 128-row FP8 blocks, ~4M elements each)
-    runs       the units on an Executor (local processes by default, or Ray): each reads its rows (pread), decodes
-               FP8 blocks, quantizes per channel with ``engine.quantize_weight`` / casts to bf16 as the engine does,
-               and writes its bytes in place (pwrite) into the shard files; the driver asks the kernel to read ahead
-               the units queued next (posix_fadvise WILLNEED) while workers compute, and the kernel writes back
-               behind them, so reads, compute and writes overlap
+    runs       the units on an Executor (local processes by default, or Ray): each reads its rows (pread), turns
+               FP8 codes straight into int8 rows (or bf16 for a float tensor) with goldstick.kernels' fused numba
+               kernels (the values ``engine.quantize_weight`` computes on the decoded float32 weight, without ever
+               making that weight; the numpy code when numba is missing), and writes its bytes in place (pwrite)
+               into the shard files, asking the kernel to write them back at once (posix_fadvise DONTNEED); the
+               driver asks the kernel to read ahead the units queued next (WILLNEED) while workers compute, and
+               hashes each shard for the manifest as soon as its last unit is done, so reads, compute, writes and
+               hashing overlap
     finishes   fsync, rename shards, index, config.json + quantization_description.json, tokenizer files, recipe,
                report, manifest last
+
+Per 512x7168 FP8 unit (3.7 MB), the numpy code took ~17 ms (lookup-table decode 7, quantize 10); the fused kernels
+take ~1.8 ms, so a run is bound by pread/pwrite, hashing and process start-up rather than arithmetic
+(benchmarks/README.md has the figures against a plain copy).
 
 Memory is bounded by the units in flight (2 per worker, ~4M elements each), whatever the model or shard size. The
 output is the engine's mindspore-format checkpoint bit for bit (tests/test_stream.py), MTP passed through.
@@ -36,6 +43,7 @@ from .recipe import Plan, Recipe, load_recipe
 
 BF16 = ml_dtypes.bfloat16
 UNIT_ELEMENTS = 1 << 22  # ~4M elements per unit: 16 MB as float32, a few ms to a few tens of ms of work
+READ_AHEAD = 256 << 20  # source bytes the driver asks the kernel to read ahead of the units handed out
 DATA_FREE_SCHEMES = ("float", "w8a16", "w8a8-dynamic")
 LABELS = {"w8a16": "W8A16", "w8a8-dynamic": "W8A8_DYNAMIC"}
 GLOBALS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")  # as the engine writes them
@@ -159,6 +167,9 @@ def _pwrite(path: str, offset: int, array: np.ndarray) -> None:
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
+        # start writing these pages back now (DONTNEED on dirty pages queues their writeback and drops only clean
+        # ones): the disk writes while the workers compute, and the final fsync finds little left to do
+        os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -193,36 +204,65 @@ def _check_finite(unit: Unit, values: np.ndarray) -> None:
     raise CheckpointError(f"{problem}; goldstick refuses to quantize a checkpoint with non-finite weights")
 
 
-def run_unit(unit: Unit) -> int:
-    """Do one unit; returns the input bytes it read. The values are the engine's (same functions, same order)."""
-    from .engine import quantize_weight
-
+def run_unit(unit: Unit) -> tuple[int, tuple]:
+    """Do one unit; returns the input bytes it read and the ``(shard path, bytes)`` it wrote. The values are the
+    engine's (same functions, same order)."""
     stored = _read_rows(unit.source, unit.r0, unit.r1, unit.name)
-    if unit.kind == "cast" and stored.dtype == np.dtype(unit.outputs[0][2]) and unit.source.dtype in ("BF16", "F32"):
-        values = stored  # the engine's float32 round trip of a bf16/f32 value gives the value back
-    elif unit.source.dtype == "F8_E4M3":
+    scale = None
+    if unit.source.dtype == "F8_E4M3":
         g0, g1 = unit.r0 // BLOCK, -(-unit.r1 // BLOCK)
         scale = _read_rows(unit.scale, g0, g1, unit.name + SCALE_SUFFIX).astype(np.float32)
-        values = decode_fp8(stored, scale)
-    else:
-        values = stored.astype(np.float32)  # as CheckpointReader.read
     if unit.kind == "cast":
-        if unit.check_finite:
-            _check_finite(unit, values)
         path, offset, dtype = unit.outputs[0]
         row = int(np.prod(unit.source.shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-        _pwrite(path, offset + unit.r0 * row, values.astype(dtype, copy=False))
+        values = _cast(unit, stored, scale, np.dtype(dtype))
+        _pwrite(path, offset + unit.r0 * row, values)
+        return unit.input_bytes, ((path, values.nbytes),)
+    q, scale = _quantize(unit, stored, scale)
+    (wp, wo), (sp, so), (op, oo) = unit.outputs
+    _pwrite(wp, wo + unit.r0 * q.shape[1], q)
+    _pwrite(sp, so + unit.r0 * 2, scale.astype(BF16))
+    _pwrite(op, oo + unit.r0 * 4, np.zeros(unit.r1 - unit.r0, np.int32))
+    return unit.input_bytes, ((wp, q.nbytes), (sp, 2 * len(scale)), (op, 4 * len(scale)))
+
+
+def _values(unit: Unit, stored: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """The float32 values the engine computes with (as CheckpointReader.read)."""
+    return decode_fp8(stored, scale) if scale is not None else stored.astype(np.float32)
+
+
+def _cast(unit: Unit, stored: np.ndarray, scale: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
+    """A float output's rows: the engine's float32 values cast to ``dtype``, refused if not finite."""
+    from . import kernels  # imported by the workers only: the driver process needs no numba
+
+    if scale is not None and dtype == BF16 and unit.check_finite:
+        fused = kernels.fp8_to_bf16(stored, scale)  # None: no numba, or a non-finite value to report below
+        if fused is not None:
+            return fused
+    if stored.dtype == dtype and unit.source.dtype in ("BF16", "F32"):
+        values = stored  # the engine's float32 round trip of a bf16/f32 value gives the value back
     else:
-        try:
-            q, scale = quantize_weight(values, unit.mode)  # refuses NaN/Inf itself (a row's absmax is not finite)
-        except ValueError:
-            _check_finite(unit, values)
-            raise
-        (wp, wo), (sp, so), (op, oo) = unit.outputs
-        _pwrite(wp, wo + unit.r0 * q.shape[1], q)
-        _pwrite(sp, so + unit.r0 * 2, scale.astype(BF16))
-        _pwrite(op, oo + unit.r0 * 4, np.zeros(unit.r1 - unit.r0, np.int32))
-    return unit.input_bytes
+        values = _values(unit, stored, scale)
+    if unit.check_finite and not kernels.all_finite(values):
+        _check_finite(unit, values)
+    return values.astype(dtype, copy=False)
+
+
+def _quantize(unit: Unit, stored: np.ndarray, scale: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``engine.quantize_weight`` of the unit's values: (int8 rows, float32 row scales)."""
+    from . import kernels
+    from .engine import quantize_weight
+
+    if scale is not None:
+        fused = kernels.quantize_fp8(stored, scale, unit.mode)  # FP8 codes straight to int8, or None as in _cast
+        if fused is not None:
+            return fused
+    values = _values(unit, stored, scale)
+    try:
+        return quantize_weight(values, unit.mode)  # refuses NaN/Inf itself (a row's absmax is not finite)
+    except ValueError:
+        _check_finite(unit, values)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -360,6 +400,7 @@ def stream_quantize(model, recipe, out, executor=None, workers: int | None = Non
                                          "weight_scale": _placeholder(BF16, shape[:1])})
     owned = not isinstance(executor, Executor)
     ex = get_executor(executor, workers, ray_address)
+    hasher = None
     try:
         shards.open()
         units = iter_units(reader, outs, shards, recipe.options.weight_rounding)
@@ -367,12 +408,17 @@ def stream_quantize(model, recipe, out, executor=None, workers: int | None = Non
         if progress:
             print(f"data-free recipe: streaming path (no calibration), {len(outs)} tensors "
                   f"({total / 1e9:.2f} GB) on {ex.describe()}", flush=True)
-        done = _run(ex, units, total, progress)
+        hasher = ShardHasher(shards.paths)
+        done = _run(ex, units, total, progress, hasher)
+        temporary = shards.paths
         writer.close(what=f"recipe {recipe.name or '(unnamed)'}")
+        known = {name: hasher.result(tmp) for tmp, name in zip(temporary, shards.shard_names)}
     except BaseException:
         writer.abort()
         raise
     finally:
+        if hasher is not None:
+            hasher.close()
         if owned:
             ex.close()
         reader.close()
@@ -388,16 +434,19 @@ def stream_quantize(model, recipe, out, executor=None, workers: int | None = Non
     }
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", _report_md(report))
-    write_manifest(out)
+    write_manifest(out, known=known)
     stats = StreamStats(ex.describe(), done, shards.total_size, seconds)
     result = QuantizeResult(out=out, plan=plan, report=report)
     result.stream = stats
     return result
 
 
-def _prefetch(units, handles: dict) -> object:
-    """Yield the units, first asking the kernel to read each one's bytes ahead (it is queued behind the ones
-    running, so its read overlaps their compute)."""
+def _prefetch(units, handles: dict, ahead: int = READ_AHEAD) -> object:
+    """Yield the units, first asking the kernel to read the bytes of the next ``ahead`` bytes' worth of units (so
+    reads overlap the workers' start-up and compute; it is page cache, not process memory)."""
+    from collections import deque
+
+    window, queued = deque(), 0
     for unit in units:
         for span, r0, r1 in ((unit.source, unit.r0, unit.r1),) + (
                 ((unit.scale, unit.r0 // BLOCK, -(-unit.r1 // BLOCK)),) if unit.scale is not None else ()):
@@ -406,10 +455,56 @@ def _prefetch(units, handles: dict) -> object:
                 fd = handles[span.file] = os.open(span.file, os.O_RDONLY)
             row = int(np.prod(span.shape[1:], dtype=np.int64)) * STORED_DTYPES[span.dtype].itemsize
             os.posix_fadvise(fd, span.start + r0 * row, (r1 - r0) * row, os.POSIX_FADV_WILLNEED)
-        yield unit
+        window.append(unit)
+        queued += unit.input_bytes
+        while queued > ahead:
+            queued -= window[0].input_bytes
+            yield window.popleft()
+    yield from window
 
 
-def _run(ex, units, total: int, progress: bool) -> int:
+class ShardHasher:
+    """The sha256 of each output shard for the manifest, computed in a driver thread as soon as the shard's last
+    byte is written (while the workers go on), instead of reading every shard again after the run."""
+
+    def __init__(self, paths):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="goldstick-hash")
+        self.left, self.futures, self.handles = {}, {}, []
+        for path in map(str, paths):
+            with open(path, "rb") as f:
+                header = int.from_bytes(f.read(8), "little")
+            self.left[path] = os.path.getsize(path) - 8 - header  # the data bytes still to be written
+            self._check(path)
+
+    def _check(self, path: str) -> None:
+        if self.left[path] == 0:  # opened now: the file is read even once close() has renamed it
+            self.handles.append(open(path, "rb"))
+            self.futures[path] = self.pool.submit(_sha256_of, self.handles[-1])
+
+    def wrote(self, path: str, nbytes: int) -> None:
+        self.left[path] -= nbytes
+        self._check(path)
+
+    def result(self, path) -> str | None:
+        future = self.futures.get(str(path))
+        return None if future is None else future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for handle in self.handles:  # those of cancelled hashes (the others are closed already)
+            handle.close()
+
+
+def _sha256_of(handle) -> str:
+    import hashlib
+
+    with handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _run(ex, units, total: int, progress: bool, hasher: ShardHasher) -> int:
     bar = None
     if progress:
         from tqdm import tqdm
@@ -418,8 +513,10 @@ def _run(ex, units, total: int, progress: bool) -> int:
     handles: dict[str, int] = {}
     done = 0
     try:
-        for nbytes in ex.imap_unordered(run_unit, _prefetch(units, handles)):
+        for nbytes, written in ex.imap_unordered(run_unit, _prefetch(units, handles)):
             done += nbytes
+            for path, count in written:
+                hasher.wrote(path, count)
             if bar is not None:
                 bar.update(nbytes)
     finally:

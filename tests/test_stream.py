@@ -77,8 +77,15 @@ def _whole_tensor_quantize(w, mode):
     return np.clip(np.rint(w.astype(np.float64) / scale[:, None].astype(np.float64)), low, 127).astype(np.int8), scale
 
 
+@pytest.mark.parametrize("numba", [True, False], ids=["numba", "numpy"])
 @pytest.mark.parametrize("mode", ["absmax127", "gs"])
-def test_blockwise_weight_quantization_equals_the_whole_tensor_expression(mode):
+def test_blockwise_weight_quantization_equals_the_whole_tensor_expression(mode, numba, monkeypatch):
+    """engine.quantize_weight, with the fused kernel (goldstick.kernels) and with its numpy fallback."""
+    from goldstick import kernels
+
+    if numba and not kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(kernels, "AVAILABLE", numba)
     rng = np.random.default_rng(3)
     for shape in [(300, 7168), (80, 256), (3, 5), (1, 9)]:
         w = rng.standard_normal(shape, dtype=np.float32) * rng.uniform(1e-4, 30, (shape[0], 1)).astype(np.float32)
@@ -217,6 +224,58 @@ def test_stream_refuses_a_non_empty_folder_and_leaves_nothing_on_bad_weights(fp8
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.parametrize("numba", [True, False], ids=["numba", "numpy"])
+def test_stream_refuses_nan_codes_and_non_finite_scales(fp8_model, tmp_path, numba, monkeypatch):
+    """The fused kernels leave non-finite values to the numpy path, which names file, tensor, count and index:
+    a negative NaN code (0xff) in a quantized expert, an inf block scale in an FP8 tensor kept float (the MTP
+    layer's, 96 columns: a ragged block), a bf16 NaN in a norm weight (bf16 passed through, checked on its bits)."""
+    from goldstick import kernels
+
+    if numba and not kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(kernels, "AVAILABLE", numba)
+    cases = [("model.layers.1.mlp.experts.2.down_proj.weight", 0xFF, r"holds 1 NaN/Inf value\(s\), the first at "
+              r"index \[130, 5\]"),
+             ("model.layers.4.self_attn.q_b_proj.weight", np.inf, r"holds \d+ NaN/Inf value\(s\), the first at "
+              r"index \[128, 0\]"),
+             ("model.layers.2.post_attention_layernorm.weight", "bf16", r"holds 1 NaN/Inf value\(s\), the first at "
+              r"index \[9\]")]
+    for k, (name, bad, message) in enumerate(cases):
+        model = tmp_path / f"bad{k}"
+        shutil.copytree(fp8_model, model)
+        with CheckpointReader(model) as reader:
+            target = name + "_scale_inv" if bad == np.inf else name
+            info, file = reader._info(target), reader.file_of(target)
+            assert reader.dtype(name) == ("BF16" if bad == "bf16" else "F8_E4M3")
+        with open(model / file, "r+b") as f:
+            if bad == "bf16":
+                f.seek(info.start + 9 * 2)
+                f.write(np.array(np.nan, ml_dtypes.bfloat16).tobytes())
+            elif bad == 0xFF:
+                f.seek(info.start + 130 * reader.shape(name)[1] + 5)
+                f.write(b"\xff")
+            else:
+                f.seek(info.start + 4 * reader.shape(target)[1])  # block (1, 0)
+                f.write(np.float32(bad).tobytes())
+        with pytest.raises(CheckpointError, match=rf"{reader.file_of(name)}: tensor '{name}' {message}"):
+            stream_quantize(model, "deepseek-r1-w8a16", tmp_path / f"out{k}", executor="inline", progress=False)
+        assert list((tmp_path / f"out{k}").iterdir()) == []
+
+
+def test_stream_without_numba_gives_the_same_bytes(fp8_model, tmp_path, monkeypatch):
+    """The numpy fallback (numba missing) writes the fused kernels' checkpoint byte for byte."""
+    from goldstick import kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    fused = stream_quantize(fp8_model, "deepseek-r1-w8a16", tmp_path / "numba", executor="inline",
+                            progress=False, max_shard_bytes=SHARD).out
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    plain = stream_quantize(fp8_model, "deepseek-r1-w8a16", tmp_path / "numpy", executor="inline",
+                            progress=False, max_shard_bytes=SHARD).out
+    assert all(same_bytes(fused, plain).values())  # every file, report and manifest included
+
+
 # ---- executors -----------------------------------------------------------------------------------------------
 def _square(x):
     return x * x
@@ -238,6 +297,12 @@ def test_local_processes_give_the_inline_bytes(fp8_model, tmp_path):
     two = stream_quantize(fp8_model, "deepseek-r1-w8a8-dynamic", tmp_path / "local", executor=LocalExecutor(2),
                           progress=False, max_shard_bytes=SHARD).out
     assert all(same_bytes(one, two).values())  # every file, report and manifest included
+    # the shards' sha256 were computed while the run went on (stream.ShardHasher): they are the final files'
+    from goldstick.files import sha256_file
+
+    manifest = json.loads((two / "manifest.json").read_text())["files"]
+    assert set(manifest) == set(files(two)) - {"manifest.json"}
+    assert all(manifest[n]["sha256"] == sha256_file(two / n) for n in manifest)
 
 
 @pytest.mark.slow

@@ -1,0 +1,217 @@
+"""The engine's lean layer loop: the same checkpoint as the full float pass, with less memory and time.
+
+What makes it lean (goldstick/engine.py, model.py, qlinear.py, writer.py), each checked here against the plain way:
+- attention-only float pass when no MLP linear needs statistics (the MLP runs once, quantized); routed experts read
+  their float weight at the call (StreamedLinear) instead of all being held in float32;
+- the quantized cells cast their int8 weight per call instead of caching a float32 copy;
+- elementwise ops with a broadcast operand on the host on CPU (same float32 operations, same values);
+- calibration batches cut to bounded activation sizes;
+- the final shards planned and written in place (PlannedShardWriter + PlacedShards), not buffered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from goldstick import engine
+from goldstick.checkpoint import CheckpointReader
+from goldstick.make_model import default_model_path
+from goldstick.recipe import load_recipe
+from goldstick.runtime import setup_mindspore
+from goldstick.writer import PlacedShards, PlannedShardWriter, ShardedWriter
+
+FAST = dict(calib_samples=24, calib_seq_len=64, progress=False)  # 1536 tokens: more than the 1024-token sample
+
+
+def shard_digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("model*"))}
+
+
+class FullFloatPass(engine.LayerQuantizer):
+    """The layer quantizer as goldstick.analyze runs it: the float layer on every calibration token."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["lean"] = False
+        super().__init__(*args, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["deepseek-r1-w8a8-mixed", "deepseek-w8a8-dynamic-smoothquant"])
+def test_lean_loop_writes_the_full_float_pass_checkpoint(recipe, tmp_path, monkeypatch):
+    """Mixed (static OS+ attention with its search, dynamic MLP) and dynamic+SmoothQuant: byte-identical shards and
+    index; the lean report measures its SQNRs on the token sample and says so."""
+    lean = engine.quantize(default_model_path(), recipe, out=tmp_path / "lean", **FAST)
+    monkeypatch.setattr(engine, "LayerQuantizer", FullFloatPass)
+    full = engine.quantize(default_model_path(), recipe, out=tmp_path / "full", **FAST)
+    assert shard_digests(tmp_path / "lean") == shard_digests(tmp_path / "full")
+    assert np.array_equal(lean.final_logits, full.final_logits)
+    token_sample = load_recipe(recipe).options.token_sample
+    all_tokens = FAST["calib_samples"] * FAST["calib_seq_len"]
+    for lean_layer, full_layer in zip(lean.report["layers"], full.report["layers"]):
+        assert full_layer["sqnr_tokens"] == all_tokens
+        assert lean_layer["sqnr_tokens"] == min(token_sample, all_tokens) < all_tokens
+        assert np.isfinite(lean_layer["sqnr_db"]) and lean_layer["sqnr_db"] > 10
+        for name, info in lean_layer["linears"].items():
+            if "sqnr_db" in full_layer["linears"][name]:
+                assert np.isfinite(info["sqnr_db"]), name
+    moe = [layer for layer in lean.report["layers"] if "expert_tokens" in layer]
+    k = CheckpointReader(default_model_path()).config.num_experts_per_tok
+    assert moe and all(sum(layer["expert_tokens"]) == all_tokens * k for layer in moe)  # every token, k experts
+
+
+def test_routed_experts_are_read_at_the_call_not_held(monkeypatch):
+    """With an attention-only float pass, no routed expert's float weight is loaded into the network: each is
+    read when the sample pass calls it (and again for its quantization and its SQNR reference), then dropped."""
+    setup_mindspore()
+    from goldstick.model import StreamedLinear
+
+    reader = CheckpointReader(default_model_path())
+    cfg = reader.config
+    recipe = load_recipe("deepseek-r1-w8a8-dynamic")
+    reads: list[str] = []
+    original = engine.LayerTensors.__getitem__
+
+    def counting(self, name):
+        reads.append(name)
+        return original(self, name)
+    monkeypatch.setattr(engine.LayerTensors, "__getitem__", counting)
+    ids = np.arange(2, 2 + 2 * 32, dtype=np.int32).reshape(2, 32)
+    batches = engine._prepare_batches(cfg, type("C", (), {"batches": [ids]})())
+    embed = reader.read("model.embed_tokens.weight")
+    hidden = [embed[b[0]] for b in batches]
+    layer = cfg.first_k_dense_replace  # the first MoE layer
+    lq = engine.LayerQuantizer(cfg, layer, engine.LayerTensors(reader, layer), recipe.plan(cfg), recipe, batches,
+                               hidden, lean=True)
+    assert lq.attention_only
+    experts = [n for n in lq.linears if ".mlp.experts." in n]
+    assert experts and all(isinstance(lq.linears[n], StreamedLinear) for n in experts)
+    assert not [n for n in lq.float_tensors if ".mlp.experts." in n]
+    assert not [n for n in reads if ".mlp.experts." in n]
+    float_outputs = lq.observe(False)
+    lq.quantize(float_outputs)
+    outputs = lq.measure(float_outputs)
+    assert outputs is hidden  # the caller's list, now the layer's outputs
+    assert not [n for n in lq.float_tensors if ".mlp.experts." in n]
+    tensors, labels = lq.tensors()
+    assert all(labels[f"{n}.weight"] == "W8A8_DYNAMIC" for n in experts)
+    # the reference layer (full float pass, every weight loaded) gives the same outputs
+    reads.clear()
+    embed_hidden = [embed[b[0]] for b in batches]
+    ref = engine.LayerQuantizer(cfg, layer, engine.LayerTensors(reader, layer), recipe.plan(cfg), recipe, batches,
+                                embed_hidden, lean=False)
+    ref_float = ref.observe(False)
+    ref.quantize(ref_float)
+    ref_out = ref.measure(ref_float)
+    assert all(np.array_equal(a, b) for a, b in zip(outputs, ref_out))
+    ref_tensors, _ = ref.tensors()
+    assert tensors.keys() == ref_tensors.keys()
+    assert all(np.array_equal(tensors[k].view(np.uint8), ref_tensors[k].view(np.uint8)) for k in tensors)
+
+
+def test_host_broadcast_ops_give_the_device_ops_values(monkeypatch):
+    """RMSNorm (with a bias), the attention mask, rope and the MoE's weighted sum computed on the host equal the
+    MindSpore ops they replace, value for value, through a whole MoE decoder layer."""
+    setup_mindspore()
+    from mindspore import Tensor
+
+    from goldstick import model
+
+    reader = CheckpointReader(default_model_path())
+    cfg = reader.config
+    layer = cfg.first_k_dense_replace
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((2, 24, cfg.hidden_size)).astype(np.float32)
+    batches = engine._prepare_batches(cfg, type("C", (), {"batches": [np.zeros((2, 24), np.int32)]})())
+    _, cos, sin, mask = batches[0]
+    outputs = []
+    for host in (True, False):
+        monkeypatch.setattr(model, "_HOST_BROADCAST", host)
+        block = model.DecoderLayer(cfg, layer)
+        block.update_parameters_name(f"model.layers.{layer}.")
+        params = {p.name: p for p in block.get_parameters()}
+        for name in reader.layer_tensor_names(layer):
+            params[name].set_data(Tensor(reader.read(name)))
+        block.input_layernorm.set_bias(np.linspace(-1, 1, cfg.hidden_size, dtype=np.float32),
+                                       f"model.layers.{layer}.input_layernorm.bias")
+        outputs.append(block(Tensor(h), cos, sin, mask).asnumpy())
+    assert np.array_equal(outputs[0], outputs[1])
+
+
+def test_quantized_cells_compute_as_the_ops_formula():
+    """Dynamic and static W8A8 activations quantized on the host equal the MindSpore-ops formula (the Ascend
+    semantics: round half to even, clip for static), and an uncached weight gives the cached one's output."""
+    setup_mindspore()
+    import mindspore as ms
+    from mindspore import Tensor, ops
+
+    from goldstick.qlinear import DynamicW8A8Linear, StaticW8A8Linear
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 7, 96)).astype(np.float32) * rng.uniform(0.01, 30, 96).astype(np.float32)
+    x[0, 0] = 0  # an all-zero token
+    w = rng.integers(-127, 128, (40, 96)).astype(np.int8)
+    scale = rng.uniform(1e-3, 1e-2, 40).astype(np.float32)
+    cell = DynamicW8A8Linear(w, scale)
+    flat = Tensor(x.reshape(-1, 96))
+    token_scale = ops.maximum(ops.amax(ops.abs(flat), -1, True), 1e-30) / 127.0
+    expected = (ops.matmul(ops.round(flat / token_scale), Tensor(w.astype(np.float32)).T) * token_scale
+                * Tensor(scale)).asnumpy().reshape(5, 7, 40)
+    got = cell(Tensor(x)).asnumpy()
+    assert np.array_equal(got, expected)
+    cell.cache_weight = False
+    cell.reset_cache()
+    assert np.array_equal(cell(Tensor(x)).asnumpy(), expected) and cell._weight_f32 is None
+
+    input_scale = rng.uniform(0.05, 0.2, 96).astype(np.float32)
+    offset = rng.integers(-20, 20, 96).astype(np.int8)
+    beta = rng.standard_normal(96).astype(np.float32)
+    static = StaticW8A8Linear(w, np.full(40, 1e-3, np.float32), np.zeros(40, np.int32), input_scale, offset, beta)
+    q = ops.clamp(ops.round((flat + Tensor(beta)) / Tensor(input_scale) + Tensor(offset).astype(ms.float32)),
+                  -128, 127)
+    assert np.array_equal(static.quantize_input(flat).asnumpy(), q.asnumpy())
+
+
+def test_batches_are_cut_to_bounded_activations():
+    """Sequences per batch: attention scores within 4M elements and hidden states within 2M, at least one; the
+    cut batches hold the calibration rows in order."""
+    cfg = CheckpointReader(default_model_path()).config
+    rows = engine.batch_rows(cfg, 256)
+    assert rows >= 1
+    assert rows * cfg.num_attention_heads * 256 * 256 <= 1 << 22 and rows * 256 * cfg.hidden_size <= 1 << 21
+    assert engine.batch_rows(cfg, 1 << 16) == 1  # one sequence even when it alone is over the budget
+    ids = np.arange(40 * 256, dtype=np.int32).reshape(40, 256) % cfg.vocab_size
+    batches = engine._prepare_batches(cfg, type("C", (), {"batches": [ids[:32], ids[32:]]})())
+    assert all(len(b[0]) <= rows for b in batches)
+    assert np.array_equal(np.concatenate([b[0] for b in batches]), ids)
+
+
+def test_placed_shards_write_the_sharded_writer_bytes(tmp_path):
+    """Planned from placeholders, then written in place tensor by tensor: the same files as the buffering writer."""
+    rng = np.random.default_rng(2)
+    tensors = [(f"t{i}", rng.standard_normal((rng.integers(1, 40), 16)).astype(dt))
+               for i, dt in enumerate([np.float32, np.int8, np.int32, np.float32, np.int8] * 4)]
+    buffered = ShardedWriter(tmp_path / "a", max_shard_bytes=3000)
+    for name, array in tensors:
+        buffered.add(name, array)
+    buffered.close()
+    planned = PlannedShardWriter(tmp_path / "b", max_shard_bytes=3000)
+    for name, array in tensors:
+        planned.add(name, np.broadcast_to(np.zeros((), array.dtype), array.shape))
+    planned.open()
+    placed = PlacedShards(planned)
+    for name, array in reversed(tensors):  # any order
+        placed.add(name, array)
+    placed.close()
+    a, b = shard_digests(tmp_path / "a"), shard_digests(tmp_path / "b")
+    assert len(a) > 2 and a == b
+    planned = PlannedShardWriter(tmp_path / "c", max_shard_bytes=3000)
+    planned.add("x", np.zeros((4, 4), np.float32))
+    planned.open()
+    with pytest.raises(Exception, match="'x': 32 bytes given, 64 planned"):
+        PlacedShards(planned).add("x", np.zeros((2, 4), np.float32))
+    planned.abort()
+    assert not list((tmp_path / "c").iterdir())
