@@ -134,23 +134,25 @@ def make(size: str, root: Path) -> Path:
     return src
 
 
-def bench(size: str, root: Path, models: Path, rounds: int) -> list[dict]:
+def bench(size: str, root: Path, models: Path, rounds: int, executors: list[str]) -> list[dict]:
     src = make(size, models)
     tensors = sorted(src.glob("*.safetensors"))
     source_bytes = sum(p.stat().st_size for p in tensors)
     everything = sorted(p for p in src.iterdir() if p.is_file())
     print(f"{size}: {source_bytes / 1e9:.2f} GB of safetensors in {len(tensors)} shards", flush=True)
     rows = []
+    variants = {r if len(executors) == 1 else f"{r} ({e})": (r, e) for r in RECIPES for e in executors}
     for r in range(rounds):
-        for what in ("copy",) + RECIPES:
+        for what in ("copy",) + tuple(variants):
             out = root / "out"
             shutil.rmtree(out, ignore_errors=True)
             cached = evict(everything)
             if what == "copy":
                 cmd = [sys.executable, "-c", COPY_SCRIPT, str(src), str(out)]
             else:
-                cmd = [sys.executable, "-m", "goldstick.cli", "quantize", what, "--model", str(src), "--out",
-                       str(out), "--no-progress", "--max-shard-size", str(SHARD_MB)]
+                recipe, executor = variants[what]
+                cmd = [sys.executable, "-m", "goldstick.cli", "quantize", recipe, "--model", str(src), "--out",
+                       str(out), "--no-progress", "--max-shard-size", str(SHARD_MB), "--executor", executor]
             load = os.getloadavg()[0]
             m = run_measured(cmd)
             out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -173,7 +175,7 @@ def summarize(rows: list[dict]) -> None:
     for size in dict.fromkeys(r["size"] for r in rows):
         mine = [r for r in rows if r["size"] == size]
         copy = {r["round"]: r["mb_s"] for r in mine if r["what"] == "copy"}
-        for what in ("copy",) + RECIPES:
+        for what in dict.fromkeys(r["what"] for r in mine):
             runs = [r for r in mine if r["what"] == what]
             speeds = ", ".join(f"{r['mb_s']:.0f}" for r in runs)
             ratios = ", ".join(f"{r['mb_s'] / copy[r['round']]:.2f}" for r in runs)
@@ -188,6 +190,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="folder on the disk to measure (default: a temporary folder)")
     ap.add_argument("--models", default=None, help="keep the made models in this folder (and reuse them)")
+    ap.add_argument("--executors", default="local",
+                    help="comma-separated goldstick --executor values to run each recipe with (local, threads)")
     args = ap.parse_args()
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
@@ -199,7 +203,7 @@ def main() -> None:
     rows = []
     try:
         for size in args.sizes.split(","):
-            rows += bench(size, root, models, args.rounds)
+            rows += bench(size, root, models, args.rounds, args.executors.split(","))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     summarize(rows)

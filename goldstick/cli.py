@@ -59,10 +59,11 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--path", choices=("auto", "stream", "layers"), default="auto",
                    help="auto (default): stream a recipe that needs no calibration shard by shard from the source "
                         "(no MindSpore, on worker processes), else layer by layer; stream / layers force one")
-    p.add_argument("--executor", choices=("local", "ray", "inline"), default=None,
-                   help="where independent units run: local processes (default for the streaming path), a Ray "
-                        "cluster (RAY_ADDRESS or a local one; pip install 'goldstick[ray]'), or inline")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: every core)")
+    p.add_argument("--executor", choices=("local", "threads", "ray", "inline"), default=None,
+                   help="where independent units run: local processes (default for the streaming path), threads "
+                        "of this process, a Ray cluster (RAY_ADDRESS or a local one; pip install "
+                        "'goldstick[ray]'), or inline")
+    p.add_argument("--workers", type=int, default=None, help="worker processes or threads (default: every core)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_quantize)
 

@@ -287,8 +287,20 @@ def test_executors_map_in_order():
     with LocalExecutor(2) as ex:
         assert ex.map(_square, range(9), max_in_flight=3) == [x * x for x in range(9)]
         assert sorted(ex.imap_unordered(_square, range(5))) == [0, 1, 4, 9, 16]
+    with get_executor("threads", workers=3) as ex:
+        assert ex.name == "threads" and ex.workers == 3
+        assert ex.map(_square, range(9), max_in_flight=2) == [x * x for x in range(9)]
     with pytest.raises(ExecutorError, match="unknown executor 'gpu'"):
         get_executor("gpu")
+
+
+def test_threads_give_the_inline_bytes(fp8_model, tmp_path):
+    """The streaming units on a thread pool (numba kernels, pread and pwrite release the GIL): same files."""
+    one = stream_quantize(fp8_model, "deepseek-r1-w8a16", tmp_path / "inline", executor="inline",
+                          progress=False, max_shard_bytes=SHARD).out
+    two = stream_quantize(fp8_model, "deepseek-r1-w8a16", tmp_path / "threads", executor="threads", workers=2,
+                          progress=False, max_shard_bytes=SHARD).out
+    assert all(same_bytes(one, two).values())
 
 
 def test_local_processes_give_the_inline_bytes(fp8_model, tmp_path):
