@@ -298,7 +298,7 @@ def estimate(m: dict, disk_gbps: float) -> dict:
     # the engine's lean loop (engine.LayerQuantizer(lean=True)): tensors read one at a time into the network (4 B/param
     # once), routed experts streamed in float and resident as int8, one activation set replaced in place, batches
     # cut to one sequence (engine.batch_rows) -- derived from the parameter counts, not measured on the probe
-    lean_rows = max(1, min((1 << 22) // (r1.num_attention_heads * seq * seq), (1 << 21) // (seq * r1.hidden_size)))
+    lean_rows = max(1, min((1 << 21) // (r1.num_attention_heads * seq * seq), (1 << 20) // (seq * r1.hidden_size)))
     per_expert = {
         "float attention + shared expert (4 B/param, once)": 4 * (attn_p + expert_params(r1)),
         "routed experts as int8 (1 B/param) + one expert's f32 at a time": r1.n_routed_experts * expert_params(r1)

@@ -1,4 +1,4 @@
-"""Fused per-element kernels (numba) of the streaming path and of ``engine.quantize_weight``.
+"""Fused per-element kernels (numba) of the streaming path (and of ``engine.quantize_weight(fused=True)``).
 
 The numpy reference makes many full passes over a float32 copy of a weight: FP8 lookup, block-scale multiply,
 |w|, row max, then float64 divide, rint, clip and cast. Here each pass reads the weight once:
@@ -10,7 +10,7 @@ The numpy reference makes many full passes over a float32 copy of a weight: FP8 
                        code's bits: a table gather does not vectorize) -> float64 divide by the row scale -> rint ->
                        clip -> int8, in one pass
     fp8_to_bf16        code -> the same float32 product -> bf16 (round to nearest even), for FP8 tensors kept float
-    quantize_rows      the divide -> int8 pass alone, for a float32 weight (the layer path; BF16/F32 sources)
+    quantize_rows      the divide -> int8 pass alone, for a float32 weight (BF16/F32 sources)
     all_finite         a bit test for bf16 arrays (ml_dtypes' isfinite is ~6x slower)
 
 The values are the numpy reference's exactly (tests/test_kernels.py). Compiled once per machine (``cache=True``:
@@ -122,30 +122,21 @@ def _count_nonfinite_bf16(bits):
 
 
 def row_scales(absmax: np.ndarray, mode: str) -> np.ndarray:
-    """The bf16-ceiled per-row scale of ``engine.quantize_weight`` from the [out, 1] absmax column (``alg`` checks
-    it is finite: ValueError "weight contains NaN or inf" otherwise)."""
-    from .engine import bf16_ceil
+    """``engine.weight_row_scales``: the bf16-ceiled per-row scale from the [out, 1] absmax column."""
+    from .engine import weight_row_scales
 
-    return bf16_ceil(alg.quantize_weight_per_channel(absmax, mode=mode).scale)
+    return weight_row_scales(absmax, mode)
 
 
 def quantize_rows(w: np.ndarray, scale: np.ndarray, low: int) -> np.ndarray:
-    """int8 ``clip(rint(float64(w) / float64(scale[:, None])), low, 127)`` for a float32 [out, in] weight."""
+    """int8 ``clip(rint(float64(w) / float64(scale[:, None])), low, 127)`` for a float32 [out, in] weight, in one
+    pass (without numba: ``engine.quantize_rows``, the same values)."""
+    if not AVAILABLE:
+        from .engine import quantize_rows as numpy_rows
+
+        return numpy_rows(w, scale, low)
     q = np.empty(w.shape, np.int8)
-    if AVAILABLE:
-        _quantize_rows(w, scale, float(low), q)
-        return q
-    # numpy: ~512 KB blocks of rows with a reused buffer (5x faster than one whole-tensor expression, same values)
-    s64 = scale.astype(np.float64)[:, None]
-    step = max(1, (1 << 16) // max(w.shape[1], 1))
-    buf = np.empty((min(step, w.shape[0]), w.shape[1]), np.float64)
-    for r in range(0, w.shape[0], step):
-        b = buf[: min(step, w.shape[0] - r)]
-        np.divide(w[r:r + step], s64[r:r + step], out=b)  # float32 promoted to float64 exactly, then divided
-        np.rint(b, out=b)
-        np.maximum(b, low, out=b)
-        np.minimum(b, 127, out=b)
-        q[r:r + step] = b
+    _quantize_rows(w, scale, float(low), q)
     return q
 
 

@@ -259,7 +259,7 @@ def _quantize(unit: Unit, stored: np.ndarray, scale: np.ndarray | None) -> tuple
             return fused
     values = _values(unit, stored, scale)
     try:
-        return quantize_weight(values, unit.mode)  # refuses NaN/Inf itself (a row's absmax is not finite)
+        return quantize_weight(values, unit.mode, fused=True)  # refuses NaN/Inf (a row's absmax is not finite)
     except ValueError:
         _check_finite(unit, values)
         raise

@@ -132,10 +132,11 @@ def test_float32_rows_kernel_equals_the_numpy_loop(monkeypatch):
     for shape in [(300, 7168), (80, 256), (3, 5), (1, 9), (0, 4)]:
         w = rng.standard_normal(shape, dtype=np.float32) * rng.uniform(1e-4, 30, (shape[0], 1)).astype(np.float32)
         for mode in ("absmax127", "gs"):
-            q, s = quantize_weight(w, mode)
+            q, s = quantize_weight(w, mode, fused=True)
             with monkeypatch.context() as m:
                 m.setattr(kernels, "AVAILABLE", False)
-                rq, rs = quantize_weight(w, mode)
+                assert np.array_equal(quantize_weight(w, mode, fused=True)[0], q)  # the fallback
+            rq, rs = quantize_weight(w, mode)  # the layer path's numpy loop
             assert np.array_equal(q, rq) and np.array_equal(s, rs)
 
 
@@ -164,7 +165,7 @@ codes = np.ones((128, 128), np.uint8)
 assert kernels.quantize_fp8(codes, np.ones((1, 1), np.float32), "absmax127") is None
 assert kernels.fp8_to_bf16(codes, np.ones((1, 1), np.float32)) is None
 w = np.array([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]], np.float32)
-q, s = quantize_weight(w, "absmax127")
+q, s = quantize_weight(w, "absmax127", fused=True)
 assert np.array_equal(q, np.clip(np.rint(w.astype(np.float64) / s[:, None].astype(np.float64)), -127, 127))
 assert s[1] == 1.0 and not q[1].any()
 print("ok")

@@ -80,7 +80,7 @@ def _whole_tensor_quantize(w, mode):
 @pytest.mark.parametrize("numba", [True, False], ids=["numba", "numpy"])
 @pytest.mark.parametrize("mode", ["absmax127", "gs"])
 def test_blockwise_weight_quantization_equals_the_whole_tensor_expression(mode, numba, monkeypatch):
-    """engine.quantize_weight, with the fused kernel (goldstick.kernels) and with its numpy fallback."""
+    """engine.quantize_weight, numpy (the layer path) and fused (goldstick.kernels, the streaming path)."""
     from goldstick import kernels
 
     if numba and not kernels.AVAILABLE:
@@ -92,13 +92,13 @@ def test_blockwise_weight_quantization_equals_the_whole_tensor_expression(mode, 
         w[0] = 0  # an all-zero row: scale 1, codes 0
         if shape[0] > 2:
             w[1, 0], w[2, 0] = np.abs(w[1]).max() * 2, -np.abs(w[2]).max() * 2  # +absmax and -absmax hit the edges
-        q, s = quantize_weight(w, mode)
+        q, s = quantize_weight(w, mode, fused=numba)
         rq, rs = _whole_tensor_quantize(w, mode)
         assert q.dtype == np.int8 and s.dtype == np.float32
         assert np.array_equal(q, rq) and np.array_equal(s, rs)
         half = shape[0] // 2  # rows are independent: a unit of rows gives the rows of the whole
         if half:
-            assert np.array_equal(quantize_weight(w[half:], mode)[0], q[half:])
+            assert np.array_equal(quantize_weight(w[half:], mode, fused=numba)[0], q[half:])
     bad = np.ones((4, 4), np.float32)
     bad[2, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
