@@ -1138,11 +1138,14 @@ def render_report_md(report: dict) -> str:
              "## Schemes", "", "| scheme | linears |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["plan"]["counts"].items()]
     lines += ["", "## Layers (output error on calibration data)", "",
-              "| layer | output SQNR dB | layer-delta SQNR dB | worst linear | its SQNR dB |", "|---|---|---|---|---|"]
+              "| layer | output SQNR dB | layer-delta SQNR dB | worst linear | its SQNR dB | measured on |",
+              "|---|---|---|---|---|---|"]
     for layer in report["layers"]:
         scored = [(v["sqnr_db"], k) for k, v in layer["linears"].items() if isinstance(v.get("sqnr_db"), float)]
         worst = min(scored) if scored else ("-", "-")
-        lines.append(f"| {layer['layer']} | {layer['sqnr_db']} | {layer['delta_sqnr_db']} | `{worst[1]}` | {worst[0]} |")
+        tokens = f"{layer['sqnr_tokens']} tokens" if "sqnr_tokens" in layer else ""  # absent from older reports
+        lines.append(f"| {layer['layer']} | {layer['sqnr_db']} | {layer['delta_sqnr_db']} | `{worst[1]}` | {worst[0]} "
+                     f"| {tokens} |")
     lines += ["", "## Linears", "", "| linear | scheme | rule | SQNR dB | act scale / zp | transform |",
               "|---|---|---|---|---|---|"]
     for layer in report["layers"]:
