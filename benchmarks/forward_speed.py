@@ -181,7 +181,7 @@ class GoldstickCalibration:
         self.layers = [self.engine.LayerQuantizer(self.cfg, i, self.reader.read_layer(i), self.plan, self.recipe,
                                                   batches, [])
                        for i in range(self.cfg.num_hidden_layers)]
-        return [embed[b] for b in ids]
+        return [embed[b[0]] for b in batches]  # the engine's batches (it cuts big ones: engine.batch_rows)
 
     def calibrate(self, hidden) -> list:
         """The engine's float pass (observe), layer by layer; returns the last layer's outputs."""

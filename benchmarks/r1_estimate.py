@@ -117,7 +117,7 @@ def measure(probe: Path, tokens: int, seq_len: int, token_sample: int, grid: int
     batch = max(1, tokens // seq_len)
     ids = [rng.integers(3, cfg.vocab_size, (batch, seq_len), dtype=np.int32)]
     batches = engine._prepare_batches(cfg, SimpleNamespace(batches=ids))
-    hidden = [engine.bf16_round(reader.read("model.embed_tokens.weight"))[b] for b in ids]
+    hidden = [engine.bf16_round(reader.read("model.embed_tokens.weight"))[b[0]] for b in batches]
     source_bytes = sum(reader._tensors[n].end - reader._tensors[n].start for n in reader.names()
                        if n.startswith("model.layers.0."))
     out: dict = {"tokens": batch * seq_len, "seq_len": seq_len, "source_bytes": source_bytes}

@@ -19,7 +19,6 @@ Rounding is round-half-to-even (``ops.round`` / ``np.rint``), the Ascend "ROUND"
 from __future__ import annotations
 
 import numpy as np
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 INT8_MIN, INT8_MAX = -128, 127
