@@ -51,10 +51,14 @@ class QuantLinearBase(nn.Cell):
     def weight_as_float(self) -> Tensor:
         if self._weight_f32 is not None:
             return self._weight_f32
-        w = Tensor.from_numpy(self.weight.asnumpy().astype(np.float32))  # numpy's cast: 7x MindSpore's on CPU
+        w = Tensor.from_numpy(self._float_weight())
         if self.cache_weight:
             self._weight_f32 = w
         return w
+
+    def _float_weight(self) -> np.ndarray:
+        """The matmul operand as a float32 array: the int8 codes (numpy's cast is 7x MindSpore's on CPU)."""
+        return self.weight.asnumpy().astype(np.float32)
 
     def reset_cache(self) -> None:
         self._weight_f32 = None
@@ -85,15 +89,11 @@ class W8A16Linear(ScaledWeightLinear):
     description = "W8A16"
 
 
-    def weight_as_float(self) -> Tensor:
-        if self._weight_f32 is not None:
-            return self._weight_f32
-        w = self.weight.asnumpy().astype(np.float32)  # the same float32 operations as ops, in numpy (7x faster)
+    def _float_weight(self) -> np.ndarray:
+        """Antiquantized: (codes + offset) * scale, the same float32 operations as the ops, in numpy."""
+        w = super()._float_weight()
         w += self.weight_offset.asnumpy().reshape(-1, 1)
         w *= self.weight_scale.asnumpy().reshape(-1, 1)
-        w = Tensor.from_numpy(w)
-        if self.cache_weight:
-            self._weight_f32 = w
         return w
 
     def construct(self, x: Tensor) -> Tensor:

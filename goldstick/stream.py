@@ -37,6 +37,7 @@ import ml_dtypes
 import numpy as np
 
 from .checkpoint import SCALE_SUFFIX, STORED_DTYPES, CheckpointError, CheckpointReader, nonfinite_problem
+from .writer import pwrite_array
 from .errors import GoldstickError
 from .fp8 import _FP8_TO_F32, BLOCK, FP8, dequantize_fp8_blocks
 from .recipe import Plan, Recipe, load_recipe
@@ -161,17 +162,7 @@ def _pread(path: str, offset: int, nbytes: int, name: str) -> np.ndarray:
 
 
 def _pwrite(path: str, offset: int, array: np.ndarray) -> None:
-    data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
-        # start writing these pages back now (DONTNEED on dirty pages queues their writeback and drops only clean
-        # ones): the disk writes while the workers compute, and the final fsync finds little left to do
-        os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    pwrite_array(path, offset, array, write_back=True)  # the disk writes while the workers compute
 
 
 def _read_rows(span: Span, r0: int, r1: int, name: str) -> np.ndarray:

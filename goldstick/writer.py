@@ -435,17 +435,9 @@ class PlannedShardWriter:
         if data.nbytes != nbytes:
             raise WriterError(f"tensor {name!r}: {data.nbytes} bytes given, {nbytes} planned "
                               f"(dtype {data.dtype}, shape {data.shape})")
-        view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
-        finally:
-            os.close(fd)
+        pwrite_array(path, offset, data)
         if offset + nbytes >= self._half[path]:
             stall(path)
-
 
     def close(self, metadata: dict | None = None) -> Path:
         """fsync every shard, rename them to their final names, write the index last; returns its path."""
@@ -484,6 +476,22 @@ class PlannedShardWriter:
             tmp.unlink(missing_ok=True)
         self._paths, self._where = [], {}
         self._state = "aborted"
+
+
+def pwrite_array(path: str | Path, offset: int, array: np.ndarray, write_back: bool = False) -> None:
+    """Write an array's bytes at ``offset`` of an existing file (pwrite, looping over short writes). ``write_back``:
+    start writing these pages to disk now (DONTNEED on dirty pages queues their writeback and drops only clean
+    ones), so the disk writes while the caller computes and a final fsync finds little left to do."""
+    data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        if write_back:
+            os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 class PlacedShards:
