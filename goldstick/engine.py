@@ -247,11 +247,30 @@ class LayerQuantizer:
         return np.ascontiguousarray(self.source[name], dtype=np.float32)
 
     # ---- float pass ---------------------------------------------------------------------------
-    def run(self, inputs: list[np.ndarray], batches: list | None = None) -> list[np.ndarray]:
-        outs = []
-        for (ids, cos, sin, mask), h in zip(batches or self.batches, inputs):
-            outs.append(self.layer(_tensor(h), cos, sin, mask).asnumpy())
-        return outs
+    def run(self, inputs: list[np.ndarray], batches: list | None = None,
+            outputs: list | None = None) -> list[np.ndarray]:
+        """The layer's outputs for each batch. The attention runs batch by batch; the MLP half runs on the tokens of
+        several consecutive batches at once (``mlp_groups``): each routed expert then gets a few hundred rows
+        instead of a few dozen, where the CPU matmul runs ~1.5x faster, and a quantized expert casts its weight once
+        per group. ``outputs``: the list to fill, which may be ``inputs`` (each input is replaced once its group is
+        done, so no second copy of the calibration activations is held)."""
+        from mindspore import Tensor
+
+        batches = batches or self.batches
+        outputs = [None] * len(inputs) if outputs is None else outputs
+        hidden_size = self.cfg.hidden_size
+        for group in mlp_groups(batches, hidden_size):
+            attended = [self.layer.attend(_tensor(inputs[b]), *batches[b][1:]).asnumpy() for b in group]
+            flat = np.concatenate([a.reshape(-1, hidden_size) for a in attended]) if len(group) > 1 \
+                else attended[0].reshape(-1, hidden_size)
+            del attended
+            y = self.layer.feed_forward(Tensor.from_numpy(flat)).asnumpy()
+            start = 0
+            for b in group:
+                shape = inputs[b].shape
+                outputs[b] = y[start:start + shape[0] * shape[1]].reshape(shape)
+                start += shape[0] * shape[1]
+        return outputs
 
     def observe(self, all_experts: bool) -> list[np.ndarray]:
         """Float pass with statistics hooks; returns the float outputs of every calibration batch (of the token
@@ -287,6 +306,7 @@ class LayerQuantizer:
                 handle.remove()
             if moe is not None:
                 self.layer.mlp.observe_all_experts = False
+        self.routes = _routes_by_batch(self.routes, self.batches)
         self._fill_unseen_experts()
         return outputs
 
@@ -312,10 +332,12 @@ class LayerQuantizer:
                 lambda cell, inputs, output: self.routes.append((output[0].asnumpy(), output[1].asnumpy())))
         try:
             batches, hidden = self.sample
-            return self.run(hidden, batches)
+            outputs = self.run(hidden, batches)
         finally:
             if handle is not None:
                 handle.remove()
+        self.routes = _routes_by_batch(self.routes, batches)
+        return outputs
 
     def _fill_unseen_experts(self) -> None:
         """An expert no calibration token reached gets statistics from the layer's bounded MoE input sample."""
@@ -562,8 +584,8 @@ class LayerQuantizer:
             if moe is not None:
                 # experts chosen as in the float pass: a token switching experts is an all-or-nothing jump in the
                 # loss that would drown the smooth effect of the threshold
-                moe.forced_routing = [(w[: len(ids) * ids.shape[1]], e[: len(ids) * ids.shape[1]])
-                                      for (w, e), (ids, *_) in zip(self.routes, batches)]
+                kept = [(w[: ids.size], e[: ids.size]) for (w, e), (ids, *_) in zip(self.routes, batches)]
+                moe.forced_routing = (np.concatenate([w for w, _ in kept]), np.concatenate([e for _, e in kept]))
             try:
                 outs = self.run(hidden, batches=batches)
             finally:
@@ -605,10 +627,8 @@ class LayerQuantizer:
             def count(cell, inputs, output):
                 self.expert_tokens += np.bincount(output[1].asnumpy().reshape(-1), minlength=self.cfg.n_routed_experts)
             handle = router.register_forward_hook(count)
-        try:
-            outputs = self.hidden  # each input is dropped as its output arrives (lean: the caller's list)
-            for b, ((ids, cos, sin, mask), h) in enumerate(zip(self.batches, self.hidden)):
-                outputs[b] = self.layer(_tensor(h), cos, sin, mask).asnumpy()
+        try:  # each input is dropped as its output arrives (lean: the caller's list)
+            outputs = self.run(self.hidden, self.batches, outputs=self.hidden)
         finally:
             if handle is not None:
                 handle.remove()
@@ -708,6 +728,35 @@ class LayerQuantizer:
             else:
                 out[name], labels[name] = value.astype(BF16), "FLOAT"
         return out, labels
+
+
+MLP_GROUP_ELEMENTS = 1 << 22
+
+
+def mlp_groups(batches: list, hidden_size: int, budget: int = MLP_GROUP_ELEMENTS) -> list[list[int]]:
+    """Consecutive batch indices whose tokens the MLP half of a layer runs on together: [tokens, hidden] within
+    ``budget`` float32 elements (16 MB; the wide benchmark model: 2048 tokens), at least one batch per group.
+    Measured on the wide model's experts (~128 rows per batch of 512 tokens): 120 GFLOP/s at 128 rows, 190 at 512."""
+    groups, tokens = [], 0
+    for index, (ids, *_) in enumerate(batches):
+        if groups and tokens + ids.size <= budget // hidden_size:
+            groups[-1].append(index)
+            tokens += ids.size
+        else:
+            groups.append([index])
+            tokens = ids.size
+    return groups
+
+
+def _routes_by_batch(routes: list, batches: list) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The router's (weights, ids) recorded call by call (a call may cover several batches: ``mlp_groups``), cut
+    into one pair per batch."""
+    if not routes:
+        return routes
+    bounds = np.cumsum([ids.size for ids, *_ in batches])[:-1]
+    weights = np.split(np.concatenate([w for w, _ in routes]), bounds)
+    ids = np.split(np.concatenate([e for _, e in routes]), bounds)
+    return list(zip(weights, ids))
 
 
 def _tensor(array: np.ndarray):

@@ -113,8 +113,9 @@ def test_routed_experts_are_read_at_the_call_not_held(monkeypatch):
 
 
 def test_host_broadcast_ops_give_the_device_ops_values(monkeypatch):
-    """RMSNorm (with a bias), the attention mask, rope and the MoE's weighted sum computed on the host equal the
-    MindSpore ops they replace, value for value, through a whole MoE decoder layer."""
+    """RMSNorm (with a bias), the attention mask, rope and the MoE's dispatch and weighted sum computed on the host
+    give the MindSpore ops' values through a whole MoE decoder layer, to float32 rounding (the norm's mean and the
+    sum over the experts add in another order)."""
     setup_mindspore()
     from mindspore import Tensor
 
@@ -138,7 +139,9 @@ def test_host_broadcast_ops_give_the_device_ops_values(monkeypatch):
         block.input_layernorm.set_bias(np.linspace(-1, 1, cfg.hidden_size, dtype=np.float32),
                                        f"model.layers.{layer}.input_layernorm.bias")
         outputs.append(block(Tensor(h), cos, sin, mask).asnumpy())
-    assert np.array_equal(outputs[0], outputs[1])
+    scale = np.abs(outputs[1]).max()
+    assert np.abs(outputs[0] - outputs[1]).max() <= 2e-6 * scale
+    assert not np.array_equal(outputs[0], h)  # the layer did something
 
 
 def test_quantized_cells_compute_as_the_ops_formula():
