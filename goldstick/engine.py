@@ -317,14 +317,18 @@ class LayerQuantizer:
 
     def _observe_attention(self) -> list[np.ndarray]:
         """The attention's statistics over every calibration token, then the float layer on the token sample."""
-        handles = [self._stats_hook(name) for name in sorted(self.needs_stats)]
-        try:
-            if handles:
+        projections = {self.prefix + "self_attn." + n for n in ("q_a_proj", "q_proj", "kv_a_proj_with_mqa", "q_b_proj")}
+        if self.needs_stats <= projections:
+            for h in self.hidden:
+                self._observe_projection_inputs(h)
+        else:
+            handles = [self._stats_hook(name) for name in sorted(self.needs_stats)]
+            try:
                 for (ids, cos, sin, mask), h in zip(self.batches, self.hidden):
                     self.layer.self_attn(self.layer.input_layernorm(_tensor(h)), cos, sin, mask)
-        finally:
-            for handle in handles:
-                handle.remove()
+            finally:
+                for handle in handles:
+                    handle.remove()
         router = getattr(self.layer.mlp, "gate", None)
         handle = None
         if router is not None:  # the float routing of the sample, reused by the OS+ search
@@ -338,6 +342,22 @@ class LayerQuantizer:
                 handle.remove()
         self.routes = _routes_by_batch(self.routes, batches)
         return outputs
+
+    def _observe_projection_inputs(self, h: np.ndarray) -> None:
+        """Statistics of the MLA projections that read the normed input (q_a_proj or q_proj, kv_a_proj_with_mqa)
+        and of q_b_proj (its input: q_a_layernorm(q_a_proj(x))) without the rest of the attention, when no other
+        attention linear needs them (every recipe that smooths only the MLA inputs): of the attention's matmuls only
+        q_a_proj runs (the wide benchmark model's float attention pass: ~9 s of a 70 s run). The same values as the
+        hooks on the whole attention see."""
+        attn = self.layer.self_attn
+        x = self.layer.input_layernorm(_tensor(h))
+        x_np = x.asnumpy().reshape(-1, x.shape[-1])
+        for local in ("q_a_proj", "q_proj", "kv_a_proj_with_mqa"):
+            if self.prefix + "self_attn." + local in self.needs_stats:
+                self.stats.setdefault(self.prefix + "self_attn." + local, RunningStats()).update(x_np)
+        if self.prefix + "self_attn.q_b_proj" in self.needs_stats:
+            q = attn.q_a_layernorm(attn.q_a_proj(x)).asnumpy()
+            self.stats.setdefault(self.prefix + "self_attn.q_b_proj", RunningStats()).update(q.reshape(-1, q.shape[-1]))
 
     def _fill_unseen_experts(self) -> None:
         """An expert no calibration token reached gets statistics from the layer's bounded MoE input sample."""

@@ -218,3 +218,64 @@ def test_placed_shards_write_the_sharded_writer_bytes(tmp_path):
         PlacedShards(planned).add("x", np.zeros((2, 4), np.float32))
     planned.abort()
     assert not list((tmp_path / "c").iterdir())
+
+
+def _moe_layer_quantizer(recipe_name: str, lean: bool, batch_count: int = 3):
+    setup_mindspore()
+    reader = CheckpointReader(default_model_path())
+    cfg = reader.config
+    recipe = load_recipe(recipe_name)
+    rng = np.random.default_rng(3)
+    ids = [rng.integers(2, cfg.vocab_size, (2, 40)).astype(np.int32) for _ in range(batch_count)]
+    batches = engine._prepare_batches(cfg, type("C", (), {"batches": ids})())
+    embed = reader.read("model.embed_tokens.weight")
+    layer = cfg.first_k_dense_replace
+    return engine.LayerQuantizer(cfg, layer, engine.LayerTensors(reader, layer), recipe.plan(cfg), recipe, batches,
+                                 [embed[b[0]] for b in batches], lean=lean)
+
+
+def test_projection_inputs_give_the_attention_hooks_statistics(monkeypatch):
+    """When only the MLA input projections need statistics (SmoothQuant on the attention inputs), the lean float
+    pass computes their inputs without running the attention, and gets exactly the statistics that hooks on the
+    whole attention collect."""
+    calls = []
+    original = engine.LayerQuantizer._observe_projection_inputs
+    monkeypatch.setattr(engine.LayerQuantizer, "_observe_projection_inputs",
+                        lambda self, h: calls.append(h.shape) or original(self, h))
+    lean = _moe_layer_quantizer("deepseek-w8a8-dynamic-smoothquant", lean=True)
+    full = _moe_layer_quantizer("deepseek-w8a8-dynamic-smoothquant", lean=False)
+    lean.observe(False)
+    full.observe(False)
+    assert len(calls) == len(lean.batches)  # every calibration batch, through the shortcut
+    names = sorted(lean.needs_stats)
+    assert [n.rsplit(".", 1)[-1] for n in names] == ["kv_a_proj_with_mqa", "q_a_proj", "q_b_proj"]
+    for name in names:
+        assert lean.stats[name].tokens == full.stats[name].tokens == sum(shape[0] * shape[1] for shape in calls)
+        assert np.array_equal(lean.stats[name].minimum, full.stats[name].minimum), name
+        assert np.array_equal(lean.stats[name].maximum, full.stats[name].maximum), name
+
+
+def test_mlp_groups_join_batches_within_the_budget():
+    batches = [(np.zeros((2, 64)),), (np.zeros((2, 64)),), (np.zeros((1, 64)),), (np.zeros((4, 64)),)]
+    assert engine.mlp_groups(batches, hidden_size=8, budget=8 * 192) == [[0], [1, 2], [3]]
+    assert engine.mlp_groups(batches, hidden_size=8, budget=8 * 1000) == [[0, 1, 2, 3]]
+    assert engine.mlp_groups(batches, hidden_size=8, budget=1) == [[0], [1], [2], [3]]  # at least one batch each
+
+
+def test_grouped_mlp_gives_the_batch_by_batch_outputs_and_routes(monkeypatch):
+    """The MLP half over several batches' tokens at once gives each batch's outputs as a batch-by-batch run does
+    (to float32 rounding: the matmuls see other row counts), and the recorded routing is cut back per batch."""
+    runs = {}
+    for budget in (engine.MLP_GROUP_ELEMENTS, 1):
+        monkeypatch.setattr(engine, "MLP_GROUP_ELEMENTS", budget)
+        monkeypatch.setattr(engine.mlp_groups, "__defaults__", (budget,))
+        lq = _moe_layer_quantizer("deepseek-r1-w8a8-mixed", lean=False)
+        runs[budget] = (lq.observe(False), lq.routes, [b[0].size for b in lq.batches])
+    (grouped, grouped_routes, sizes), (single, single_routes, _) = runs[engine.MLP_GROUP_ELEMENTS], runs[1]
+    assert len(grouped) == len(single) == len(sizes) == 3
+    for a, b in zip(grouped, single):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert [w.shape[0] for w, _ in grouped_routes] == sizes == [e.shape[0] for _, e in single_routes]
+    for (w1, e1), (w2, e2) in zip(grouped_routes, single_routes):
+        assert np.mean(e1 == e2) > 0.99  # a token at a routing tie may switch with the last bit
