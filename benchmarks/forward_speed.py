@@ -14,21 +14,28 @@ layer i+1, with forward pre-hooks keeping a running per-channel min/max of every
     attention, eager expert loop) and ``default`` (what from_pretrained picks on CPU: sdpa attention, grouped_mm
     experts).
 
-The tools run alternately, ``--rounds`` times each, after one warm-up pass each; a pass's tokens/s is calibration
-tokens / wall seconds of the whole layer-by-layer pass (embedding lookup and checkpoint loading not included).
-The median round is reported, and goldstick's median divided by each transformers median. Both use the same
-number of intra-op threads (``--threads``, default 2: torch.set_num_threads and MindSpore's CPU kernel threads).
-The final hidden states of the two tools are compared as a check that they compute the same thing.
+Each round runs every tool in a process of its own, alternating which goes first: the tool loads the checkpoint,
+runs one warm-up pass (shape caches) and ``--passes`` timed passes. One process per tool, because two thread pools
+in one process disturb each other on 2 cores: torch's OpenMP workers busy-wait after each parallel region and take
+a core from the MindSpore op that follows (measured, both tools in one process: the tiny ratio 0.52x with the
+default OpenMP wait policy, 1.09x with OMP_WAIT_POLICY=PASSIVE, which slows torch instead). A pass's tokens/s is
+calibration tokens / wall seconds of the whole layer-by-layer pass (embedding lookup and checkpoint loading not
+included). The median pass is reported, and goldstick's median divided by each transformers median. Both use the
+same number of intra-op threads (``--threads``, default 2: torch.set_num_threads and MindSpore's CPU kernel
+threads). The final hidden states of the tools are compared as a check that they compute the same thing.
 
     python benchmarks/forward_speed.py [--sizes tiny wide] [--batch 4] [--seq-len 256] [--batches 2] [--rounds 3]
+                                       [--passes 2] [--torch eager default]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,13 +61,6 @@ COMMON = dict(vocab_size=1024, n_shared_experts=1, n_group=4, topk_group=2, firs
                             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
 
 
-def set_threads(n: int) -> None:
-    """The same intra-op thread count for both tools (numpy/OpenBLAS too, via the environment, set before import)."""
-    import torch
-    import mindspore as ms
-
-    torch.set_num_threads(n)
-    ms.device_context.cpu.op_tuning.threads_num(n)
 
 
 def write_checkpoint(directory: Path, size: str, seed: int = 0) -> None:
@@ -193,31 +193,61 @@ class GoldstickCalibration:
 
 # ---- the benchmark ----------------------------------------------------------------------------------------------
 def run_size(size: str, args) -> dict:
+    tools = ["goldstick"] + [f"transformers {impl}" for impl in args.torch]
+    seconds: dict[str, list[float]] = {name: [] for name in tools}
+    labels: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix=f"forward-speed-{size}-") as tmp:
-        write_checkpoint(Path(tmp), size)
-        tools = {"goldstick": GoldstickCalibration(Path(tmp))}
-        for impl in args.torch:
-            tools[f"transformers {impl}"] = TorchCalibration(Path(tmp), impl)
+        work = Path(tmp)
+        write_checkpoint(work, size)
         rng = np.random.default_rng(args.seed)
-        ids = [rng.integers(3, COMMON["vocab_size"], (args.batch, args.seq_len), dtype=np.int32)
-               for _ in range(args.batches)]
-        prepared = {name: tool.inputs(ids) for name, tool in tools.items()}
+        np.save(work / "ids.npy", rng.integers(3, COMMON["vocab_size"], (args.batches, args.batch, args.seq_len),
+                                               dtype=np.int32))
+        for r in range(args.rounds):
+            for name in (tools if r % 2 == 0 else tools[::-1]):  # alternate who goes first
+                out = work / f"{name.replace(' ', '-')}.npy"
+                done = subprocess.run([sys.executable, __file__, "_passes", name, str(work), str(args.passes),
+                                       str(args.threads), str(out)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                seconds[name] += result["seconds"]
+                labels[name] = name if name == "goldstick" else f"{name} ({result['impl']})"
+        ref = np.load(work / "goldstick.npy")
+        agreement = {name: float(np.abs(np.load(work / f"{name.replace(' ', '-')}.npy") - ref).max() / np.abs(ref).max())
+                     for name in tools}
     tokens = args.batch * args.seq_len * args.batches
-    outputs = {name: tool.calibrate(prepared[name]) for name, tool in tools.items()}  # warm-up (shape caches)
-    ref = np.concatenate([o.reshape(-1) for o in outputs["goldstick"]])
-    agreement = {}
-    for name, out in outputs.items():
-        got = np.concatenate([o.reshape(-1) for o in out])
-        agreement[name] = float(np.abs(got - ref).max() / np.abs(ref).max())
-    seconds = {name: [] for name in tools}
-    order = list(tools)
-    for r in range(args.rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
-            started = time.perf_counter()
-            tools[name].calibrate(prepared[name])
-            seconds[name].append(time.perf_counter() - started)
-    labels = {name: name if name == "goldstick" else f"{name} ({tools[name].impl})" for name in tools}
     return dict(size=size, tokens=tokens, seconds=seconds, agreement=agreement, labels=labels)
+
+
+def timed_passes(name: str, directory: Path, passes: int, threads: int, out: Path) -> None:
+    """In a process of its own: load one tool, one warm-up pass, ``passes`` timed ones; prints their seconds as JSON
+    and saves the last pass's final hidden states."""
+    ids = list(np.load(directory / "ids.npy"))
+    if name == "goldstick":
+        from goldstick.runtime import setup_mindspore
+
+        setup_mindspore()
+        import mindspore as ms
+
+        ms.device_context.cpu.op_tuning.threads_num(threads)
+        tool = GoldstickCalibration(directory)
+    else:
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        tool = TorchCalibration(directory, name.split()[-1])
+    prepared = tool.inputs(ids)
+    tool.calibrate(prepared)  # warm-up (shape caches)
+    seconds = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        outputs = tool.calibrate(prepared)
+        seconds.append(time.perf_counter() - started)
+    np.save(out, np.concatenate([o.reshape(-1) for o in outputs]))
+    print(json.dumps({"seconds": seconds, "impl": getattr(tool, "impl", "")}))
 
 
 def report(result: dict, args) -> None:
@@ -225,8 +255,8 @@ def report(result: dict, args) -> None:
     shape = {k: SIZES[size][k] for k in ("hidden_size", "num_hidden_layers", "n_routed_experts",
                                          "moe_intermediate_size", "num_experts_per_tok")}
     print(f"\n{size}: {shape}; {args.batches} batches x {args.batch} x {args.seq_len} tokens = {tokens} tokens "
-          f"per pass, {args.rounds} rounds (alternating)")
-    print(f"  {'tool':72} {'tok/s per round':>26} {'median':>8}  max|diff| vs goldstick")
+          f"per pass, {args.rounds} rounds (alternating processes) x {args.passes} passes")
+    print(f"  {'tool':72} {'tok/s per pass':>26} {'median':>8}  max|diff| vs goldstick")
     medians = {}
     for name, secs in result["seconds"].items():
         rates = [tokens / s for s in secs]
@@ -240,32 +270,31 @@ def report(result: dict, args) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_passes"]:
+        name, directory, passes, threads, out = argv[1:]
+        return timed_passes(name, Path(directory), int(passes), int(threads), Path(out))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "wide"], choices=sorted(SIZES))
     parser.add_argument("--batch", type=int, default=4, help="sequences per batch")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batches", type=int, default=2, help="calibration batches per pass")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="processes per tool, alternating")
+    parser.add_argument("--passes", type=int, default=2, help="timed passes per process (after a warm-up pass)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--torch", nargs="+", default=["eager", "default"], choices=["eager", "default"],
                         help="transformers set-ups to compare with")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from goldstick.runtime import setup_mindspore
-
-    setup_mindspore()
-    set_threads(args.threads)
     import mindspore
     import torch
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
     print(f"threads: torch.set_num_threads({args.threads}), mindspore op_tuning.threads_num({args.threads}), "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, mindspore {mindspore.__version__}, {os.cpu_count()} CPUs, fp32")
+          f"{transformers.__version__}, mindspore {mindspore.__version__}, {os.cpu_count()} CPUs, fp32; "
+          f"one process per tool and round")
     for size in args.sizes:
         report(run_size(size, args), args)
 
