@@ -238,6 +238,8 @@ class Rule:
     match: str
     scheme: Scheme
     note: str = ""
+    # the YAML line the rule was read from, for the plan's messages; not part of the rule's value
+    line: int | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", _as_scheme(self.scheme))
@@ -396,6 +398,11 @@ class Recipe:
         return plan
 
 
+def _rule_label(i: int, rule: Rule) -> str:
+    """``rule 2 ('.*\.o_proj', line 21)``: the rule's index, its pattern and, when read from YAML, its line."""
+    return f"rule {i} ('{rule.match}'{f', line {rule.line}' if rule.line else ''})"
+
+
 # ---- YAML with line numbers ----------------------------------------------------------------------------------
 
 Loc = tuple  # a location inside the recipe: ("rules", 2, "scheme")
@@ -538,7 +545,7 @@ class _Reader:
         scheme = self.scheme(values, path) if "scheme" in values else None
         if not ok or scheme is None:
             return None
-        return Rule(values["match"], scheme, values.get("note", ""))
+        return Rule(values["match"], scheme, values.get("note", ""), line=self.lines.get(path))
 
     def recipe(self, raw: Any) -> Recipe:
         top = self.mapping(raw, (), _TOP_KEYS)
@@ -754,7 +761,7 @@ class Plan:
                 errors.append(self._unmatched_error(i, names))
             elif not taken[i]:
                 by = ", ".join(f"rule {o.rule} on {o.count}" for o in self._overlaps if o.shadowed == i)
-                errors.append(f"rule {i} ('{rules[i].match}') never applies: every linear it matches "
+                errors.append(f"{_rule_label(i, rules[i])} never applies: every linear it matches "
                               f"({matched[i]}) is taken by an earlier rule ({by}); move it up or remove it")
         errors += self._fused_errors()
         errors += self._dynamic_smoothing_errors()
@@ -763,7 +770,7 @@ class Plan:
     # ---- problems ---------------------------------------------------------------------------------------------
     def _unmatched_error(self, i: int, names: list[str]) -> str:
         rule = self.recipe.rules[i]
-        message = f"rule {i} ('{rule.match}') matches no linear of this model"
+        message = f"{_rule_label(i, rule)} matches no linear of this model"
         substring = sum(1 for n in names if rule._regex.search(n))
         if substring:
             return message + (f"; it matches {substring} as a substring, but rules must match the whole name "

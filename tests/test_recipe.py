@@ -199,6 +199,19 @@ def test_rule_matching_nothing_is_an_error(small):
     assert plan.errors and "errors:" in plan.format()
 
 
+def test_rule_errors_from_yaml_give_the_rule_line(small):
+    text = ("name: lines\ndefault: float\nrules:\n  - match: '.*\\.o_proj'\n    scheme: w8a16\n"
+            "  - match: 'q_a_proj'\n    scheme: w8a16\n  - match: '.*\\.self_attn\\.o_proj'\n    scheme: w8a16\n")
+    recipe = Recipe.from_yaml_string(text, source="lines.yaml")
+    assert [r.line for r in recipe.rules] == [4, 6, 8]
+    assert recipe.rules[0] == Rule(r".*\.o_proj", "w8a16")  # the line is where it came from, not part of the rule
+    with pytest.raises(RecipeError) as excinfo:
+        recipe.plan(small)
+    unmatched, shadowed = problems_of(excinfo)
+    assert unmatched.startswith("lines.yaml: rule 1 ('q_a_proj', line 6) matches no linear of this model")
+    assert shadowed.startswith(r"lines.yaml: rule 2 ('.*\.self_attn\.o_proj', line 8) never applies")
+
+
 def test_rule_with_weight_suffix_gets_a_hint(small):
     with pytest.raises(RecipeError, match=r"no '\.weight' suffix"):
         Recipe(rules=[Rule(r".*\.o_proj\.weight", "w8a16")]).plan(small)
