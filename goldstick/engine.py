@@ -259,7 +259,7 @@ class LayerQuantizer:
         batches = batches or self.batches
         outputs = [None] * len(inputs) if outputs is None else outputs
         hidden_size = self.cfg.hidden_size
-        for group in mlp_groups(batches, hidden_size):
+        for group in mlp_groups(batches, hidden_size, MLP_GROUP_ELEMENTS):
             attended = [self.layer.attend(_tensor(inputs[b]), *batches[b][1:]).asnumpy() for b in group]
             flat = np.concatenate([a.reshape(-1, hidden_size) for a in attended]) if len(group) > 1 \
                 else attended[0].reshape(-1, hidden_size)
@@ -753,7 +753,7 @@ class LayerQuantizer:
 MLP_GROUP_ELEMENTS = 1 << 22
 
 
-def mlp_groups(batches: list, hidden_size: int, budget: int = MLP_GROUP_ELEMENTS) -> list[list[int]]:
+def mlp_groups(batches: list, hidden_size: int, budget: int) -> list[list[int]]:
     """Consecutive batch indices whose tokens the MLP half of a layer runs on together: [tokens, hidden] within
     ``budget`` float32 elements (16 MB; the wide benchmark model: 2048 tokens), at least one batch per group.
     Measured on the wide model's experts (~128 rows per batch of 512 tokens): 120 GFLOP/s at 128 rows, 190 at 512."""

@@ -399,7 +399,7 @@ class Recipe:
 
 
 def _rule_label(i: int, rule: Rule) -> str:
-    """``rule 2 ('.*\.o_proj', line 21)``: the rule's index, its pattern and, when read from YAML, its line."""
+    """``rule 2 ('lm_head', line 21)``: the rule's index, its pattern and, when read from YAML, its line."""
     return f"rule {i} ('{rule.match}'{f', line {rule.line}' if rule.line else ''})"
 
 

@@ -265,13 +265,16 @@ def test_mlp_groups_join_batches_within_the_budget():
 def test_grouped_mlp_gives_the_batch_by_batch_outputs_and_routes(monkeypatch):
     """The MLP half over several batches' tokens at once gives each batch's outputs as a batch-by-batch run does
     (to float32 rounding: the matmuls see other row counts), and the recorded routing is cut back per batch."""
-    runs = {}
-    for budget in (engine.MLP_GROUP_ELEMENTS, 1):
-        monkeypatch.setattr(engine, "MLP_GROUP_ELEMENTS", budget)
-        monkeypatch.setattr(engine.mlp_groups, "__defaults__", (budget,))
+    runs, calls = {}, []
+    original = engine.mlp_groups
+    monkeypatch.setattr(engine, "mlp_groups", lambda *args: calls.append(original(*args)) or calls[-1])
+    for budget in ("grouped", "single"):
+        monkeypatch.setattr(engine, "MLP_GROUP_ELEMENTS", 1 << 22 if budget == "grouped" else 1)
+        calls.clear()
         lq = _moe_layer_quantizer("deepseek-r1-w8a8-mixed", lean=False)
         runs[budget] = (lq.observe(False), lq.routes, [b[0].size for b in lq.batches])
-    (grouped, grouped_routes, sizes), (single, single_routes, _) = runs[engine.MLP_GROUP_ELEMENTS], runs[1]
+        assert calls == [[[0, 1, 2]]] if budget == "grouped" else calls == [[[0], [1], [2]]]
+    (grouped, grouped_routes, sizes), (single, single_routes, _) = runs["grouped"], runs["single"]
     assert len(grouped) == len(single) == len(sizes) == 3
     for a, b in zip(grouped, single):
         assert a.shape == b.shape
