@@ -277,13 +277,7 @@ class LayerQuantizer:
         sample only, when ``attention_only``)."""
         if self.attention_only:
             return self._observe_attention()
-        handles = []
-        for name, cell in self.linears.items():
-            stats = self.stats.setdefault(name, RunningStats())
-
-            def hook(cell, inputs, stats=stats):
-                stats.update(inputs[0].asnumpy().reshape(-1, cell.in_features))
-            handles.append(cell.register_forward_pre_hook(hook))
+        handles = [self._stats_hook(name) for name in self.linears]
         moe = getattr(self.layer.mlp, "gate", None)
         if moe is not None:
             self.expert_tokens = np.zeros(self.cfg.n_routed_experts, dtype=np.int64)
@@ -317,8 +311,7 @@ class LayerQuantizer:
 
     def _observe_attention(self) -> list[np.ndarray]:
         """The attention's statistics over every calibration token, then the float layer on the token sample."""
-        projections = {self.prefix + "self_attn." + n for n in ("q_a_proj", "q_proj", "kv_a_proj_with_mqa", "q_b_proj")}
-        if self.needs_stats <= projections:
+        if self.needs_stats <= {self.prefix + "self_attn." + n for n in (*NORMED_INPUT_PROJECTIONS, "q_b_proj")}:
             for h in self.hidden:
                 self._observe_projection_inputs(h)
         else:
@@ -349,15 +342,15 @@ class LayerQuantizer:
         attention linear needs them (every recipe that smooths only the MLA inputs): of the attention's matmuls only
         q_a_proj runs (the wide benchmark model's float attention pass: ~9 s of a 70 s run). The same values as the
         hooks on the whole attention see."""
-        attn = self.layer.self_attn
+        attn, prefix = self.layer.self_attn, self.prefix + "self_attn."
         x = self.layer.input_layernorm(_tensor(h))
         x_np = x.asnumpy().reshape(-1, x.shape[-1])
-        for local in ("q_a_proj", "q_proj", "kv_a_proj_with_mqa"):
-            if self.prefix + "self_attn." + local in self.needs_stats:
-                self.stats.setdefault(self.prefix + "self_attn." + local, RunningStats()).update(x_np)
-        if self.prefix + "self_attn.q_b_proj" in self.needs_stats:
+        for local in NORMED_INPUT_PROJECTIONS:
+            if prefix + local in self.needs_stats:
+                self.stats.setdefault(prefix + local, RunningStats()).update(x_np)
+        if prefix + "q_b_proj" in self.needs_stats:
             q = attn.q_a_layernorm(attn.q_a_proj(x)).asnumpy()
-            self.stats.setdefault(self.prefix + "self_attn.q_b_proj", RunningStats()).update(q.reshape(-1, q.shape[-1]))
+            self.stats.setdefault(prefix + "q_b_proj", RunningStats()).update(q.reshape(-1, q.shape[-1]))
 
     def _fill_unseen_experts(self) -> None:
         """An expert no calibration token reached gets statistics from the layer's bounded MoE input sample."""
@@ -369,15 +362,9 @@ class LayerQuantizer:
             return
         sample = _tensor(np.concatenate(self.moe_sample))
         for e in self.unseen:
-            expert = self.layer.mlp.experts[e]
-            handles = []
-            for local in ("gate_proj", "up_proj", "down_proj"):
-                stats = self.stats[f"{self.prefix}mlp.experts.{e}.{local}"]
-
-                def hook(cell, inputs, stats=stats):
-                    stats.update(inputs[0].asnumpy().reshape(-1, cell.in_features))
-                handles.append(getattr(expert, local).register_forward_pre_hook(hook))
-            expert(sample)
+            handles = [self._stats_hook(f"{self.prefix}mlp.experts.{e}.{local}")
+                       for local in ("gate_proj", "up_proj", "down_proj")]
+            self.layer.mlp.experts[e](sample)
             for handle in handles:
                 handle.remove()
 
@@ -751,6 +738,8 @@ class LayerQuantizer:
 
 
 MLP_GROUP_ELEMENTS = 1 << 22
+# the MLA linears that read input_layernorm's output directly (LayerQuantizer._observe_projection_inputs)
+NORMED_INPUT_PROJECTIONS = ("q_a_proj", "q_proj", "kv_a_proj_with_mqa")
 
 
 def mlp_groups(batches: list, hidden_size: int, budget: int) -> list[list[int]]:

@@ -378,8 +378,8 @@ def expert_bucket(rows: int) -> int:
 
 
 def expert_assignments(ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(expert, tokens, pairs) for every expert with tokens, from the routing ids [T, k]: the token rows it serves
-    (in token order) and the flat (token * k + slot) index of each of those (token, slot) pairs."""
+    """(expert, tokens, pairs) for every expert with tokens, from the routing ids [T, k], sorted by expert once:
+    the token rows it serves (in token order) and the flat (token * k + slot) index of each of those pairs."""
     k = ids.shape[1]
     flat = ids.reshape(-1)
     order = np.argsort(flat, kind="stable")
@@ -392,31 +392,30 @@ def expert_assignments(ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarra
     return assignments
 
 
-def dispatch_plan(ids: np.ndarray, n_experts: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
-    """Token dispatch for the routed experts from the routing ids [T, k], sorted by expert once per layer.
+def padded_rows(tokens: np.ndarray) -> np.ndarray:
+    """An expert's token rows padded to ``expert_bucket`` rows by repeating its last row. PyNative caches per-op
+    state for every new shape, and exact per-expert counts would make that cache grow with every layer; a repeated
+    real row leaves min/max statistics unchanged and rows are independent, so the kept outputs are exact."""
+    n = tokens.size
+    return np.concatenate((tokens, np.full(expert_bucket(n) - n, tokens[-1])))
 
-    Returns ``rows`` (int32): the token rows each expert runs on, expert after expert, each expert's block padded to
-    ``expert_bucket`` rows by repeating its last row (PyNative caches per-op state for every new shape, and exact
-    per-expert counts would make that cache grow with every layer; a repeated real row leaves min/max statistics
-    unchanged and rows are independent, so the kept outputs are exact); ``where`` (int32, [T*k]): the position in
-    those blocks of each (token, slot) pair's output; ``blocks``: (expert, padded rows) for the experts with tokens.
+
+def dispatch_plan(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Token dispatch for the routed experts from the routing ids [T, k], for one gather of every expert's rows.
+
+    Returns ``rows`` (int32): each expert's ``padded_rows``, expert after expert; ``where`` (int32, [T*k]): the
+    position in those blocks of each (token, slot) pair's output; ``blocks``: (expert, padded rows) for the experts
+    with tokens.
     """
-    t, k = ids.shape
-    flat = ids.reshape(-1)
-    order = np.argsort(flat, kind="stable")  # (token, slot) pairs grouped by expert, token order kept
-    counts = np.bincount(flat, minlength=n_experts)
-    tokens = order // k
     rows, blocks = [], []
-    where = np.empty(t * k, dtype=np.int32)
-    start = done = 0
-    for e in np.nonzero(counts)[0]:
-        n = int(counts[e])
-        size = expert_bucket(n)
-        mine = tokens[done:done + n]
-        rows += [mine, np.full(size - n, mine[-1])]
-        where[order[done:done + n]] = np.arange(start, start + n)
-        blocks.append((int(e), size))
-        start, done = start + size, done + n
+    where = np.empty(ids.size, dtype=np.int32)
+    start = 0
+    for e, tokens, pairs in expert_assignments(ids):
+        mine = padded_rows(tokens)
+        rows.append(mine)
+        where[pairs] = np.arange(start, start + tokens.size)
+        blocks.append((e, mine.size))
+        start += mine.size
     return np.concatenate(rows).astype(np.int32), where, blocks
 
 
@@ -468,7 +467,7 @@ class MoE(nn.Cell):
         if host_broadcast():
             return self._experts_on_host(flat, weights_np, ids_np).reshape(shape)
         k = ids_np.shape[1]
-        rows, where, blocks = dispatch_plan(ids_np, len(self.experts))
+        rows, where, blocks = dispatch_plan(ids_np)
         # one gather of every expert's rows (blocks in expert order), one split, the experts, one gather back to
         # (token, slot) order, and the weighted sum over the k slots
         parts = ops.split(ops.gather(flat, Tensor(rows), 0), [size for _, size in blocks], 0)
@@ -490,9 +489,7 @@ class MoE(nn.Cell):
         out = np.zeros(x.shape, dtype=np.float32)
         pair_weights = np.asarray(weights, dtype=np.float32).reshape(-1, 1)
         for e, tokens, pairs in expert_assignments(ids):
-            n = tokens.size
-            rows = np.concatenate((tokens, np.full(expert_bucket(n) - n, tokens[-1])))
-            y = self.experts[e](Tensor.from_numpy(x[rows])).asnumpy()[:n]
+            y = self.experts[e](Tensor.from_numpy(x[padded_rows(tokens)])).asnumpy()[:tokens.size]
             out[tokens] += y * pair_weights[pairs]
         if self.has_shared:
             out += self.shared_experts(flat).asnumpy()

@@ -282,3 +282,22 @@ def test_grouped_mlp_gives_the_batch_by_batch_outputs_and_routes(monkeypatch):
     assert [w.shape[0] for w, _ in grouped_routes] == sizes == [e.shape[0] for _, e in single_routes]
     for (w1, e1), (w2, e2) in zip(grouped_routes, single_routes):
         assert np.mean(e1 == e2) > 0.99  # a token at a routing tie may switch with the last bit
+
+
+def test_an_expert_no_token_reaches_gets_statistics_from_the_moe_sample():
+    """The float pass's fallback for an expert the router never picks: its three linears see the layer's bounded
+    MoE input sample (statistics of exactly those rows)."""
+    from mindspore import Tensor
+
+    lq = _moe_layer_quantizer("deepseek-r1-w8a8-smoothquant", lean=False)
+    bias = lq.layer.mlp.gate.e_score_correction_bias
+    pushed = np.zeros(bias.shape, np.float32)
+    pushed[0] = -1e4  # expert 0 is never chosen
+    bias.set_data(Tensor(pushed))
+    lq.observe(False)
+    assert 0 in lq.unseen
+    sample = np.concatenate(lq.moe_sample)
+    gate = lq.stats[f"{lq.prefix}mlp.experts.0.gate_proj"]
+    assert gate.tokens == sample.shape[0] > 0
+    assert np.array_equal(gate.minimum, sample.min(0)) and np.array_equal(gate.maximum, sample.max(0))
+    assert lq.stats[f"{lq.prefix}mlp.experts.0.down_proj"].tokens == sample.shape[0]
