@@ -639,24 +639,36 @@ def analyze(model=None, recipe: str | Path | Recipe = "deepseek-r1-w8a8-mixed", 
             moves.append(u)
             steps.append({"step": len(steps) + 1, "unit": u["unit"], "from": u["scheme"], "to": safe_scheme.label,
                           "gain": _r(u["gain"], 6), "estimate_after": _r(current, 6)})
-        name = f"{recipe.name or 'recipe'}-proposed"
-        description = (f"goldstick analyze: {recipe.name or 'recipe'} with its {len(moves)} most sensitive "
-                       f"unit(s) moved to {safe_scheme.label}; estimated loss {_r(total, 4)} -> {_r(current, 4)} "
-                       f"(budget {_r(limit, 4)}, sum of output NSR over linears)")
-        notes = {u["unit"]: f"{u['unit']} NSR {_r(u['nsr'], 3)} -> {_r(u['safer_nsr'], 3)}" for u in moves}
-        proposal = recipe_with_moves(recipe, cfg, [(u["unit"], tuple(u["members"]), safe_scheme) for u in moves],
-                                     name=name, description=description, notes=notes)
-        proposal_path = out / "proposed-recipe.yaml"
-        proposal_path.write_text(proposal.to_yaml(), encoding="utf-8")
         report["proposal"] = {
             "budget": str(budget), "budget_value": _r(limit, 6), "start": _r(total, 6),
             "estimate": _r(current, 6), "estimate_db": _nsr_db(current), "fits": bool(current <= limit),
-            "steps": steps, "recipe_file": proposal_path.name, "recipe_yaml": proposal.to_yaml(),
+            "steps": steps, "recipe_file": None, "recipe_yaml": None,
         }
-        if not report["proposal"]["fits"]:
-            report["proposal"]["note"] = ("the budget is not reached: every unit with a positive gain was moved; "
-                                          "try a safer scheme (--safer w8a16 or float) or a larger budget")
-        if verify:
+        if not moves:
+            # nothing to write: a copy of the input recipe is not a proposal
+            report["proposal"]["note"] = (
+                f"the recipe already meets the budget ({_r(total, 4)} <= {_r(limit, 4)}): no change proposed"
+                if total <= limit else
+                f"every unit is already at least as safe as {safe_scheme.label}: no recipe proposed; try --safer "
+                "w8a16 or float" if not units else
+                f"no unit gains from moving to {safe_scheme.label} (no positive gain), so the budget "
+                f"{_r(limit, 4)} cannot be approached this way: no recipe proposed; try --safer w8a16 or float")
+        else:
+            name = f"{recipe.name or 'recipe'}-proposed"
+            description = (f"goldstick analyze: {recipe.name or 'recipe'} with its {len(moves)} most sensitive "
+                           f"unit(s) moved to {safe_scheme.label}; estimated loss {_r(total, 4)} -> "
+                           f"{_r(current, 4)} (budget {_r(limit, 4)}, sum of output NSR over linears)")
+            notes = {u["unit"]: f"{u['unit']} NSR {_r(u['nsr'], 3)} -> {_r(u['safer_nsr'], 3)}" for u in moves}
+            proposal = recipe_with_moves(recipe, cfg, [(u["unit"], tuple(u["members"]), safe_scheme) for u in moves],
+                                         name=name, description=description, notes=notes)
+            proposal_path = out / "proposed-recipe.yaml"
+            proposal_path.write_text(proposal.to_yaml(), encoding="utf-8")
+            report["proposal"].update(recipe_file=proposal_path.name, recipe_yaml=proposal.to_yaml())
+            if not report["proposal"]["fits"]:
+                report["proposal"]["note"] = ("the budget is not reached: every unit with a positive gain was "
+                                              "moved; try a safer scheme (--safer w8a16 or float) or a larger "
+                                              "budget")
+        if verify and proposal is not None:
             checked, _ = engine_pass(reader, batches, proposal, None, inputs=False, progress=progress,
                                      desc="verify")
             measured = estimate(checked.linears)
@@ -822,10 +834,11 @@ def render_md(report: dict, top: int = 10) -> str:
                      else ""), ""]
         if prop.get("note"):
             lines += [f"**Note:** {prop['note']}", ""]
-        lines += ["| step | unit | from | to | gain | estimate after |", "|---|---|---|---|---|---|"]
-        lines += [f"| {s['step']} | `{s['unit']}` | {s['from']} | {s['to']} | {s['gain']} | {s['estimate_after']} |"
-                  for s in prop["steps"]]
-        lines += ["", f"`{prop['recipe_file']}`:", "", "```yaml", prop["recipe_yaml"].rstrip(), "```", ""]
+        if prop["steps"]:
+            lines += ["| step | unit | from | to | gain | estimate after |", "|---|---|---|---|---|---|"]
+            lines += [f"| {s['step']} | `{s['unit']}` | {s['from']} | {s['to']} | {s['gain']} | "
+                      f"{s['estimate_after']} |" for s in prop["steps"]]
+            lines += ["", f"`{prop['recipe_file']}`:", "", "```yaml", prop["recipe_yaml"].rstrip(), "```", ""]
     if report.get("plots"):
         lines += ["## Box plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
     return "\n".join(lines) + "\n"
@@ -847,7 +860,7 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("--propose", action="store_true", help="write proposed-recipe.yaml that fits --budget")
     p.add_argument("--budget", default=DEFAULT_BUDGET,
                    help="allowed estimated loss: sum over linears of output noise/signal power (e.g. 0.02), or a "
-                        f"percentage of the recipe's own estimate (e.g. 50%%); default {DEFAULT_BUDGET}")
+                        f"percentage of the recipe's own estimate (e.g. 50%%); default {DEFAULT_BUDGET.replace('%', '%%')}")
     p.add_argument("--safer", choices=tuple(SAFER), default="dynamic",
                    help="the scheme sensitive linears move to (default dynamic = w8a8-dynamic)")
     p.add_argument("--verify", action="store_true", help="re-analyse the proposal and report its measured estimate")
@@ -873,12 +886,14 @@ def run_analyze(args) -> int:
     print("most sensitive linears (lowest SQNR first):")
     for i, row in enumerate(r["ranking"][: args.top], 1):
         print(f"  {i:2d}. {row['slot']:<55} {row['scheme']:<14} SQNR {row['sqnr_db']} dB  cos {row['cosine']}")
+    prop = r["proposal"]
     if result.proposal is not None:
-        prop = r["proposal"]
         print(f"proposal: {len(prop['steps'])} unit(s) -> {r['safer']}; estimate {prop['start']} -> "
               f"{prop['estimate']} (budget {prop['budget_value']}{'' if prop['fits'] else ', NOT reached'})")
         print(f"--- {result.proposal_path}")
         print(prop["recipe_yaml"], end="")
+    elif prop is not None:
+        print(f"proposal: none written: {prop['note']}")
     print(f"report: {result.out / 'analysis.md'}  ({result.out / 'analysis.json'})")
     return 0
 

@@ -59,6 +59,18 @@ def resolve_source(data: str | Path) -> Path | str:
     return str(data)
 
 
+def portable_source(source: str | Path) -> str:
+    """How a recipe names a calibration source so that ``resolve_source`` finds it again from any folder: a shipped
+    file as ``calibration/NAME``, another local path absolute, a hub name as it is."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return str(source)
+    path = path.resolve()
+    if path.is_relative_to(PACKAGE_CALIBRATION):
+        return str(path.relative_to(PACKAGE_CALIBRATION.parent))
+    return str(path)
+
+
 def _read_jsonl(path: Path) -> tuple[list[str], list[list[int]]]:
     texts, ids = [], []
     with open(path, encoding="utf-8") as handle:

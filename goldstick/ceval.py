@@ -830,8 +830,7 @@ def run_ceval_cli(args) -> int:
         return run_job(job, progress=not args.no_progress, plots=not args.no_plots)
     data = args.data or os.environ.get("GOLDSTICK_CEVAL_DIR")
     if not data:
-        print("goldstick ceval: --data is required (or set GOLDSTICK_CEVAL_DIR, or give a job file)", file=sys.stderr)
-        return 2
+        raise CEvalError("ceval: --data is required (or set GOLDSTICK_CEVAL_DIR, or give a job file)")
     if not args.quantized:
         print("ceval: no --quantized model: evaluating the float model alone", file=sys.stderr)
     report = run_ceval(args.model, args.quantized, data=data, split=args.split or "val", shots=args.shots or 0,

@@ -11,7 +11,10 @@ points, so a loss is negative):
   into correct->wrong, wrong->correct and wrong->other wrong.
 * McNemar's test on the discordant pairs (b = correct->wrong, c = wrong->correct): exact two-sided binomial p-value,
   and the continuity-corrected chi-square statistic.
-* KL(float || quantized) of the A-D distributions (softmax over the four letter scores), in nats.
+* KL(float || quantized) of the A-D distributions (softmax over the four letter scores), in nats: its mean, median,
+  p95 and max over all questions (``kl``), and its mean over the questions of every subject, category and of C-Eval
+  Hard (``kl_mean``). It separates two quantized models whose accuracy does not: on a model at chance, or when no
+  answer changes, every delta is 0 but the KL still measures how far the A-D distribution moved.
 
 Gate (``gate_report``), with D = float overall - quantized overall (the drop, points) and [lo, hi] its CI:
   point        fail if D > allowed_drop
@@ -122,6 +125,11 @@ def _weighted(per_subject: dict[str, np.ndarray], sizes: dict[str, int]) -> np.n
     return sum(per_subject[s] * sizes[s] for s in per_subject) / total
 
 
+def _sig(x, digits: int = 4):
+    """``x`` rounded to ``digits`` significant digits (KL values are small: fixed decimals would zero them)."""
+    return None if x is None else float(f"{float(x):.{digits}g}")
+
+
 def _r(x, digits: int = 4):
     if x is None:
         return None
@@ -215,6 +223,8 @@ def build_report(ceval: CEvalData, runs: Sequence[ModelRun], requests: Sequence[
             "overall_definition": "mean over the evaluated subjects (the official C-Eval average)",
             "delta_definition": "quantized minus float, in points (a loss is negative)",
             "flip_definition": "flip_rate: fraction of questions whose predicted letter changed",
+            "kl_definition": "KL(float || quantized) of the A-D softmax, nats; kl_mean of a subject, category or "
+                             "Hard: the mean over its questions",
             "bootstrap": {"samples": bootstrap_samples, "seed": seed, "confidence": confidence,
                           "method": "paired, stratified by subject, percentile interval"},
             "answer_distribution": {L: int((answers == i).sum()) for i, L in enumerate(LETTERS)},
@@ -247,16 +257,18 @@ def _compare(ref: ModelRun, run: ModelRun, summaries: dict, boots: dict, boot: B
             "float": _r(f["subjects"][s]), "quantized": _r(q["subjects"][s]),
             "delta": _r(q["subjects"][s] - f["subjects"][s]), "ci": _r(boot.interval(delta_sub[s])),
             "n": int(len(idx)), "changed": int(changed[idx].sum()), "correct_to_wrong": int(c2w[idx].sum()),
-            "wrong_to_correct": int(w2c[idx].sum()), "kl_mean": _r(kl[idx].mean(), 6),
+            "wrong_to_correct": int(w2c[idx].sum()), "kl_mean": _sig(kl[idx].mean()),
         }
     categories = {c: {"float": _r(f["categories"][c]), "quantized": _r(q["categories"][c]),
                       "delta": _r(q["categories"][c] - f["categories"][c]),
-                      "ci": _r(boot.interval(_mean_over(delta_sub, m))), "subjects": len(m)}
+                      "ci": _r(boot.interval(_mean_over(delta_sub, m))), "subjects": len(m),
+                      "kl_mean": _sig(kl[np.concatenate([rows[s] for s in m])].mean())}
                   for c, m in groups.items()}
     hard_block = None
     if hard:
         hard_block = {"float": _r(f["hard"]), "quantized": _r(q["hard"]), "delta": _r(q["hard"] - f["hard"]),
-                      "ci": _r(boot.interval(_mean_over(delta_sub, hard))), "subjects": len(hard)}
+                      "ci": _r(boot.interval(_mean_over(delta_sub, hard))), "subjects": len(hard),
+                      "kl_mean": _sig(kl[np.concatenate([rows[s] for s in hard])].mean())}
     worst = sorted(subjects, key=lambda s: (subjects[s]["delta"], -subjects[s]["changed"], s))[:WORST_SUBJECTS]
     return {
         "float": ref.label,
@@ -271,8 +283,8 @@ def _compare(ref: ModelRun, run: ModelRun, summaries: dict, boots: dict, boot: B
                   "correct_to_wrong_rate": _r(c2w.sum() / n, 6), "wrong_to_correct_rate": _r(w2c.sum() / n, 6)},
         "mcnemar": {k: (_r(v, 6) if isinstance(v, float) else v) for k, v in mcnemar(int(c2w.sum()),
                                                                                        int(w2c.sum())).items()},
-        "kl": {"mean": _r(kl.mean(), 6), "median": _r(np.median(kl), 6), "p95": _r(np.percentile(kl, 95), 6),
-               "max": _r(kl.max(), 6), "unit": "nats, KL(float || quantized) of the A-D softmax"},
+        "kl": {"mean": _sig(kl.mean()), "median": _sig(np.median(kl)), "p95": _sig(np.percentile(kl, 95)),
+               "max": _sig(kl.max()), "unit": "nats, KL(float || quantized) of the A-D softmax"},
         "categories": categories,
         "hard": hard_block,
         "subjects": subjects,
@@ -508,6 +520,29 @@ def _ci(ci) -> str:
     return "—" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
+def _kl(x) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def no_loss_note(comparison: dict) -> str | None:
+    """The sentence that replaces the "most damaged subjects" list when no subject lost accuracy (else None)."""
+    deltas = [v["delta"] for v in comparison["subjects"].values()]
+    if any(d < 0 for d in deltas):
+        return None
+    gained = sum(d > 0 for d in deltas)
+    if not gained:
+        return f"No subject lost accuracy: Δ = 0 in all {len(deltas)} subjects"
+    return f"No subject lost accuracy: Δ ≥ 0 in all {len(deltas)} subjects ({gained} gained)"
+
+
+PLOT_CAPTIONS = {
+    "categories.png": "accuracy per category, Hard and overall (95% bootstrap CI), and Δ per group (paired CI)",
+    "subjects.png": "the most damaged subjects (Δ < 0) with their paired CIs",
+    "kl.png": "KL(float‖quantized) of the A–D distribution per category and per subject (mean over questions): "
+              "it moves even when no answer changes",
+}
+
+
 def render_markdown(report: dict) -> str:
     st = report["settings"]
     labels = list(report["models"])
@@ -558,21 +593,30 @@ def render_markdown(report: dict) -> str:
                   f"{mc['statistic']:.3f}",
                   f"- KL(float‖quantized) of the A–D distribution: mean {kl['mean']:.3g}, median {kl['median']:.3g}, "
                   f"p95 {kl['p95']:.3g}, max {kl['max']:.3g} nats", "",
-                  "| group | float | quantized | Δ | CI |", "|---|---|---|---|---|"]
+                  "| group | float | quantized | Δ | CI | KL mean (nats) |", "|---|---|---|---|---|---|"]
         for cat, v in c["categories"].items():
             lines.append(f"| {cat} ({v['subjects']}) | {_fmt(v['float'])} | {_fmt(v['quantized'])} | "
-                         f"{v['delta']:+.2f} | {_ci(v['ci'])} |")
+                         f"{v['delta']:+.2f} | {_ci(v['ci'])} | {_kl(v.get('kl_mean'))} |")
         if c["hard"]:
             v = c["hard"]
             lines.append(f"| Hard ({v['subjects']}) | {_fmt(v['float'])} | {_fmt(v['quantized'])} | "
-                         f"{v['delta']:+.2f} | {_ci(v['ci'])} |")
-        damaged = [s for s in c["most_damaged"] if c["subjects"][s]["delta"] < 0][:5]
-        lines += ["", "Most damaged subjects: " + (", ".join(
-            f"`{s}` ({c['subjects'][s]['delta']:+.1f})" for s in damaged) or "none (no subject lost accuracy)"), ""]
+                         f"{v['delta']:+.2f} | {_ci(v['ci'])} | {_kl(v.get('kl_mean'))} |")
+        note = no_loss_note(c)
+        if note:
+            lines += ["", f"Most damaged subjects: none. {note}."]
+        else:
+            damaged = [s for s in c["most_damaged"] if c["subjects"][s]["delta"] < 0][:5]
+            lines += ["", "Most damaged subjects: " + ", ".join(
+                f"`{s}` ({c['subjects'][s]['delta']:+.1f})" for s in damaged)]
+        by_kl = sorted(c["subjects"], key=lambda s: (-(c["subjects"][s].get("kl_mean") or 0.0), s))[:5]
+        lines += ["", "Largest A–D KL (subjects, nats): " + ", ".join(
+            f"`{s}` ({_kl(c['subjects'][s].get('kl_mean'))})" for s in by_kl)
+            + ("; see `kl.png`" if "kl.png" in report.get("plots", []) else ""), ""]
     if report["comparisons"]:
         lines += ["## Per subject", "", "| subject | category | n | " + " | ".join(f"`{x}`" for x in labels)
-                  + " | " + " | ".join(f"Δ `{x}` (CI)" for x in report["comparisons"]) + " |",
-                  "|---" * (3 + len(labels) + len(report["comparisons"])) + "|"]
+                  + " | " + " | ".join(f"Δ `{x}` (CI)" for x in report["comparisons"])
+                  + " | " + " | ".join(f"KL `{x}`" for x in report["comparisons"]) + " |",
+                  "|---" * (3 + len(labels) + 2 * len(report["comparisons"])) + "|"]
     else:
         lines += ["## Per subject", "", "| subject | category | n | " + " | ".join(f"`{x}`" for x in labels) + " |",
                   "|---" * (3 + len(labels)) + "|"]
@@ -581,6 +625,7 @@ def render_markdown(report: dict) -> str:
         accs = " | ".join(_fmt(report["models"][x]["subjects"][s]) for x in labels)
         deltas = "".join(f" | {c['subjects'][s]['delta']:+.1f} {_ci(c['subjects'][s]['ci'])}"
                          for c in report["comparisons"].values())
+        deltas += "".join(f" | {_kl(c['subjects'][s].get('kl_mean'))}" for c in report["comparisons"].values())
         hard = " (Hard)" if s in HARD else ""
         lines.append(f"| {s}{hard} | {SUBJECTS[s].category} | {n} | {accs}{deltas} |")
     lines.append("")
@@ -594,23 +639,44 @@ def render_markdown(report: dict) -> str:
                          + ("; " + "; ".join(info["notes"]) if info.get("notes") else ""))
         lines.append("")
     if report.get("plots"):
-        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
+        lines += ["## Plots", ""]
+        for p in report["plots"]:
+            lines += [f"![{p}]({p})", "", f"`{p}`: {PLOT_CAPTIONS.get(p, p)}.", ""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(lines)
 
 
-def write_plots(report: dict, out: Path) -> list[str]:
-    import matplotlib
+def _model_colors(report: dict) -> dict[str, str]:
+    """One colour per model, the same in every plot (a comparison takes its quantized model's colour)."""
+    return {label: f"C{i % 10}" for i, label in enumerate(report["models"])}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    written = []
+def _group_names(report: dict) -> list[str]:
+    first = report["models"][next(iter(report["models"]))]
+    groups = [c for c in CATEGORIES if c in first["categories"]]
+    return groups + (["Hard"] if first["hard"] is not None else []) + ["Overall"]
+
+
+def _note(ax, text: str) -> None:
+    """Write ``text`` in the middle of an empty axes (no bars, no ticks)."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=10, wrap=True,
+            bbox={"boxstyle": "round", "facecolor": "whitesmoke", "edgecolor": "grey"})
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_categories(report: dict):
+    """Accuracy per category / Hard / overall with CIs and, with comparisons, Δ per group: a matplotlib Figure.
+
+    The legend sits above both panels (outside the axes), so it never covers a bar.
+    """
+    from matplotlib.figure import Figure
+
     labels = list(report["models"])
-    groups = [c for c in CATEGORIES if c in report["models"][labels[0]]["categories"]]
-    has_hard = report["models"][labels[0]]["hard"] is not None
-    names = groups + (["Hard"] if has_hard else []) + ["Overall"]
+    colors = _model_colors(report)
+    names = _group_names(report)
+    comps = report["comparisons"]
 
     def acc(m, g):
         return m["overall"] if g == "Overall" else m["hard"] if g == "Hard" else m["categories"][g]
@@ -619,9 +685,9 @@ def write_plots(report: dict, out: Path) -> list[str]:
         ci = m["ci"]
         return ci["overall"] if g == "Overall" else ci.get("hard") if g == "Hard" else ci["categories"][g]
 
-    comps = report["comparisons"]
-    fig, axes = plt.subplots(1, 2 if comps else 1, figsize=(13 if comps else 7, 4.5), squeeze=False)
-    ax = axes[0][0]
+    fig = Figure(figsize=(13 if comps else 7, 5), layout="constrained")
+    axes = fig.subplots(1, 2 if comps else 1, squeeze=False)[0]
+    ax = axes[0]
     width = 0.8 / len(labels)
     x = np.arange(len(names))
     for i, label in enumerate(labels):
@@ -629,22 +695,24 @@ def write_plots(report: dict, out: Path) -> list[str]:
         vals = np.array([acc(m, g) for g in names])
         cis = np.array([acc_ci(m, g) for g in names])
         err = np.abs(np.stack([vals - cis[:, 0], cis[:, 1] - vals]))
-        ax.bar(x + (i - (len(labels) - 1) / 2) * width, vals, width, yerr=err, capsize=3, label=label)
-    ax.axhline(25, color="grey", lw=0.8, ls="--")
+        ax.bar(x + (i - (len(labels) - 1) / 2) * width, vals, width, yerr=err, capsize=3, label=label,
+               color=colors[label])
+    ax.axhline(25, color="grey", lw=0.8, ls="--", label="chance (25)")
     ax.set_xticks(x, names, rotation=20)
     ax.set_ylabel("accuracy (points)")
-    ax.set_title("C-Eval accuracy (95% bootstrap CI; dashed: chance)")
-    ax.legend(fontsize=8)
+    ax.set_title("C-Eval accuracy (95% bootstrap CI)")
     if comps:
-        ax = axes[0][1]
+        ax = axes[1]
         width = 0.8 / len(comps)
+        all_zero = True
         for i, (label, c) in enumerate(comps.items()):
-            blocks = [c["categories"][g] if g in c["categories"] else c["hard"] if g == "Hard" else None
-                      for g in names[:-1]]
+            blocks = [c["categories"][g] if g in c["categories"] else c["hard"] for g in names[:-1]]
             vals = np.array([b["delta"] for b in blocks] + [c["delta_points"]])
             cis = np.array([b["ci"] for b in blocks] + [c["delta_ci"]])
+            all_zero &= bool(np.all(vals == 0) and np.all(cis == 0))
             err = np.abs(np.stack([vals - cis[:, 0], cis[:, 1] - vals]))
-            ax.bar(x + (i - (len(comps) - 1) / 2) * width, vals, width, yerr=err, capsize=3, label=label)
+            ax.bar(x + (i - (len(comps) - 1) / 2) * width, vals, width, yerr=err, capsize=3,
+                   color=colors.get(label))
         gate = report.get("gate")
         if gate:
             ax.axhline(-gate["allowed_drop"], color="red", lw=0.8, ls="--", label="allowed drop")
@@ -653,34 +721,163 @@ def write_plots(report: dict, out: Path) -> list[str]:
         ax.set_ylim(min(low, -1.0), max(high, 1.0))
         ax.set_xticks(x, names, rotation=20)
         ax.set_ylabel("Δ points (quantized − float)")
-        ax.set_title("Accuracy change per category (paired bootstrap CI)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "categories.png", dpi=110)
-    plt.close(fig)
-    written.append("categories.png")
+        ax.set_title("Accuracy change per group (paired bootstrap CI)")
+        if all_zero:
+            moved = any(c["kl"]["mean"] > 0 for c in comps.values())
+            text = "Δ = 0 in every group, CI [0, 0]\n" + (
+                "the A–D distributions still moved: see the KL divergence in kl.png" if moved
+                else "and KL = 0: the A–D distributions are identical")
+            ax.text(0.5, 0.35, text, transform=ax.transAxes, ha="center", va="center", fontsize=9,
+                    bbox={"boxstyle": "round", "facecolor": "whitesmoke", "edgecolor": "grey"})
+    handles = {}
+    for a in axes:
+        for h, t in zip(*a.get_legend_handles_labels()):
+            handles.setdefault(t, h)
+    handles = {t: handles[t] for t in sorted(handles, key=lambda t: t not in colors)}  # the models first
+    fig.legend(list(handles.values()), list(handles), loc="outside upper center", ncols=min(len(handles), 6),
+               fontsize=9, frameon=False)
+    return fig
 
-    if comps:
-        fig, axes = plt.subplots(1, len(comps), figsize=(7 * len(comps), 0.45 * WORST_SUBJECTS + 1.5),
-                                 squeeze=False)
-        for ax, (label, c) in zip(axes[0], comps.items()):
-            worst = c["most_damaged"][::-1]
-            vals = np.array([c["subjects"][s]["delta"] for s in worst])
-            cis = np.array([c["subjects"][s]["ci"] for s in worst])
-            err = np.abs(np.stack([vals - cis[:, 0], cis[:, 1] - vals]))
-            ax.barh(np.arange(len(worst)), vals, xerr=err, capsize=3, color="tab:red")
-            ax.set_yticks(np.arange(len(worst)), [f"{s} (n={c['subjects'][s]['n']}, "
-                                                  f"changed {c['subjects'][s]['changed']})" for s in worst],
-                          fontsize=8)
-            ax.axvline(0, color="black", lw=0.8)
-            low, high = ax.get_xlim()
-            ax.set_xlim(min(low, -1.0), max(high, 1.0))
-            ax.set_xlabel("Δ points (quantized − float)")
-            ax.set_title(f"Most damaged subjects: {label}")
-        fig.tight_layout()
-        fig.savefig(out / "subjects.png", dpi=110)
-        plt.close(fig)
-        written.append("subjects.png")
+
+def plot_subjects(report: dict):
+    """The most damaged subjects (Δ < 0 only) per comparison; a note instead of bars when none lost accuracy."""
+    from matplotlib.figure import Figure
+
+    comps = report["comparisons"]
+    colors = _model_colors(report)
+    damaged = {label: [s for s in c["most_damaged"] if c["subjects"][s]["delta"] < 0][::-1]
+               for label, c in comps.items()}
+    rows = max([len(v) for v in damaged.values()] + [3])
+    fig = Figure(figsize=(7 * len(comps), 0.45 * rows + 1.8), layout="constrained")
+    axes = fig.subplots(1, len(comps), squeeze=False)[0]
+    for ax, (label, c) in zip(axes, comps.items()):
+        ax.set_title(f"Most damaged subjects: {label}")
+        worst = damaged[label]
+        if not worst:
+            _note(ax, no_loss_note(c) or "No subject lost accuracy")
+            continue
+        vals = np.array([c["subjects"][s]["delta"] for s in worst])
+        cis = np.array([c["subjects"][s]["ci"] for s in worst])
+        err = np.abs(np.stack([vals - cis[:, 0], cis[:, 1] - vals]))
+        ax.barh(np.arange(len(worst)), vals, xerr=err, capsize=3, color=colors.get(label, "tab:red"))
+        ax.set_yticks(np.arange(len(worst)), [f"{s} (n={c['subjects'][s]['n']}, "
+                                              f"changed {c['subjects'][s]['changed']})" for s in worst],
+                      fontsize=8)
+        ax.axvline(0, color="black", lw=0.8)
+        low, high = ax.get_xlim()
+        ax.set_xlim(min(low, -1.0), max(high, 1.0))
+        lost = sum(v["delta"] < 0 for v in c["subjects"].values())
+        kept = len(c["subjects"]) - lost
+        ax.set_xlabel("Δ points (quantized − float)"
+                      + (f"; {lost - len(worst)} more subject(s) lost accuracy" if lost > len(worst) else "")
+                      + (f"; {kept} subject(s) did not" if kept else ""))
+    return fig
+
+
+def _kl_axis(ax, values: np.ndarray, horizontal: bool) -> bool:
+    """Log scale for positive KL values (symlog when some are 0); False when every value is 0 (nothing to draw)."""
+    positive = values[values > 0]
+    if not positive.size:
+        return False
+    if positive.size == values.size:
+        (ax.set_xscale if horizontal else ax.set_yscale)("log")
+    else:
+        (ax.set_xscale if horizontal else ax.set_yscale)("symlog", linthresh=float(positive.min()))
+    return True
+
+
+def _kl_floor(ax, values: np.ndarray, horizontal: bool) -> None:
+    """On a log axis, start a decade below the smallest value (call after drawing), so that its bar shows."""
+    positive = values[values > 0]
+    if positive.size == values.size and positive.size:
+        low = 10 ** (np.floor(np.log10(positive.min())) - 1)
+        (ax.set_xlim if horizontal else ax.set_ylim)(low, None)
+
+
+def plot_kl(report: dict):
+    """KL(float || quantized) of the A-D distribution per category / Hard / overall and per subject: a Figure.
+
+    Per-subject bars are sorted by KL (largest at the top). Every value is the mean over the group's questions.
+    """
+    from matplotlib.figure import Figure
+
+    comps = report["comparisons"]
+    colors = _model_colors(report)
+    names = _group_names(report)
+    first = next(iter(comps.values()))
+    subjects = sorted(first["subjects"], key=lambda s: (-max((c["subjects"][s].get("kl_mean") or 0.0)
+                                                              for c in comps.values()), s))[::-1]
+    n_bars = len(subjects) * max(1, len(comps))
+    fig = Figure(figsize=(11, 3.8 + 0.22 * n_bars + 1.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=[3.8, 0.22 * n_bars + 1.0])
+    width = 0.8 / len(comps)
+
+    def group_kl(c, g):
+        if g == "Overall":
+            return c["kl"]["mean"]
+        block = c["hard"] if g == "Hard" else c["categories"].get(g)
+        return (block or {}).get("kl_mean")
+
+    x = np.arange(len(names))
+    vals = np.array([[group_kl(c, g) or 0.0 for g in names] for c in comps.values()], dtype=float)
+    top.set_title("KL(float‖quantized) of the A–D distribution per group (mean over questions)")
+    if _kl_axis(top, vals, horizontal=False):
+        for i, label in enumerate(comps):
+            pos = x + (i - (len(comps) - 1) / 2) * width
+            top.bar(pos, vals[i], width, label=label, color=colors.get(label))
+            for px, v in zip(pos, vals[i]):
+                top.annotate(f"{v:.2g}", (px, v), ha="center", va="bottom", fontsize=7,
+                             xytext=(0, 2), textcoords="offset points")
+        top.set_xticks(x, names, rotation=20)
+        top.set_ylabel("KL (nats)")
+        top.set_ylim(None, top.get_ylim()[1] * 2)  # room for the value labels
+        _kl_floor(top, vals, horizontal=False)
+    else:
+        _note(top, "KL = 0 in every group: the A–D distributions are identical")
+
+    y = np.arange(len(subjects))
+    height = 0.8 / len(comps)
+    svals = np.array([[c["subjects"][s].get("kl_mean") or 0.0 for s in subjects] for c in comps.values()],
+                     dtype=float)
+    bottom.set_title("KL(float‖quantized) of the A–D distribution per subject (mean over questions)")
+    if _kl_axis(bottom, svals, horizontal=True):
+        for i, label in enumerate(comps):
+            pos = y + ((len(comps) - 1) / 2 - i) * height  # the first comparison on top, as in the legend
+            bottom.barh(pos, svals[i], height, label=label, color=colors.get(label))
+            for py, v in zip(pos, svals[i]):
+                bottom.annotate(f"{v:.2g}", (v, py), ha="left", va="center", fontsize=7,
+                                xytext=(2, 0), textcoords="offset points")
+        bottom.set_yticks(y, [f"{s} ({SUBJECTS[s].category})" for s in subjects], fontsize=8)
+        bottom.set_ylim(-0.6, len(subjects) - 0.4)
+        bottom.set_xlabel("KL (nats)")
+        bottom.set_xlim(None, bottom.get_xlim()[1] * 2)
+        _kl_floor(bottom, svals, horizontal=True)
+    else:
+        _note(bottom, "KL = 0 in every subject: the A–D distributions are identical")
+    handles = {}
+    for a in (top, bottom):
+        for h, t in zip(*a.get_legend_handles_labels()):
+            handles.setdefault(t, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside upper center",
+                   ncols=min(len(handles), 6), fontsize=9, frameon=False)
+    return fig
+
+
+def plot_figures(report: dict) -> dict:
+    """file name -> matplotlib Figure, for every plot of the report (KL and subjects only with a comparison)."""
+    figures = {"categories.png": plot_categories(report)}
+    if report["comparisons"]:
+        figures["subjects.png"] = plot_subjects(report)
+        figures["kl.png"] = plot_kl(report)
+    return figures
+
+
+def write_plots(report: dict, out: Path) -> list[str]:
+    written = []
+    for name, fig in plot_figures(report).items():
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
+        written.append(name)
     return written
 
 

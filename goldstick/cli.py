@@ -1,4 +1,4 @@
-"""The ``goldstick`` command.
+"""goldstick: post-training quantization of DeepSeek-V3/R1 for Ascend, with C-Eval accuracy analysis.
 
     goldstick run [--out DIR]                         the main job on the embedded default model:
                                                       quantize with the default recipe, compare with float
@@ -22,19 +22,36 @@ import argparse
 import json
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
-from .errors import EXIT_INPUT_ERROR, GoldstickError
+from .errors import EXIT_INPUT_ERROR, GoldstickError, UsageError
 
 
 def _model_or_default(model: str | None) -> Path:
     if model:
+        if not Path(model).exists():
+            raise UsageError(f"model folder {model}: does not exist")
         return Path(model)
     from .make_model import default_model_path
 
     path = default_model_path()
     print(f"model: the embedded default ({path})")
     return path
+
+
+def _say_if_synthetic(model: Path) -> None:
+    """Text from a synthetic model (goldstick make-model, or a checkpoint quantized from one) means nothing: say so."""
+    source = model
+    report = model / "report.json"
+    if report.is_file():
+        try:
+            source = Path(json.loads(report.read_text()).get("model") or model)
+        except (OSError, ValueError):
+            pass
+    if (model / "make_model.json").is_file() or (source / "make_model.json").is_file():
+        print(f"note: {model} is a tiny synthetic model with random weights (goldstick make-model): it exercises "
+              "the pipeline, and its text means nothing", file=sys.stderr)
 
 
 # ---- quantize ----------------------------------------------------------------------------------------------------
@@ -80,8 +97,7 @@ def run_quantize(args) -> int:
         print(plan.format())
         return 0
     if not args.out:
-        print("goldstick quantize: --out is required (or use --dry-run)", file=sys.stderr)
-        return 2
+        raise UsageError("quantize: --out is required (or use --dry-run)")
     from .engine import quantize
 
     started = time.time()
@@ -170,6 +186,7 @@ def run_generate(args) -> int:
                             ignore_eos=args.ignore_eos).check()
     if args.verify:
         _verify_first(model)
+    _say_if_synthetic(model)
     generator = Generator.from_dir(model)
     (completion,), timing = generator.generate(args.prompt, params, use_cache=not args.no_cache)
     print(args.prompt + completion.text)
@@ -190,8 +207,8 @@ def _verify_first(model: Path) -> None:
 # ---- serve -------------------------------------------------------------------------------------------------------
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-style HTTP server (/v1/completions, /v1/models, /health)",
-                       description="Serve a float or quantized checkpoint over HTTP (needs the `serve` extra: "
-                                   "pip install 'goldstick[serve]').")
+                       description="Serve a float or quantized checkpoint over HTTP (FastAPI + uvicorn, installed "
+                                   "with goldstick). The port is taken before the model loads.")
     p.add_argument("model", nargs="?", help="checkpoint folder (default: embedded model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -208,14 +225,14 @@ def run_serve(args) -> int:
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
-    except ImportError:
-        print("goldstick serve needs FastAPI and uvicorn: pip install 'goldstick[serve]'", file=sys.stderr)
-        return 1
+    except ImportError as exc:
+        raise UsageError(f"goldstick serve needs FastAPI and uvicorn ({exc}): pip install fastapi uvicorn") from None
     from .serve import serve
 
     model = _model_or_default(args.model)
     if args.verify:
         _verify_first(model)
+    _say_if_synthetic(model)
     serve(model, host=args.host, port=args.port, served_model_name=args.served_model_name,
           max_body_bytes=args.max_body_bytes, log_level=args.log_level)
     return 0
@@ -278,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from .make_model import add_make_model_parser
 
     parser = argparse.ArgumentParser(prog="goldstick", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"goldstick {version('goldstick')}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_parser(sub)
     add_quantize_parser(sub)

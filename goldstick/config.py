@@ -88,6 +88,8 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: does not exist")
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,11 +36,12 @@ import ml_dtypes
 import numpy as np
 
 from . import algorithms as alg
-from .calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration
+from .calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration, portable_source
 from .checkpoint import CheckpointError, CheckpointReader, nonfinite_problem
 from .files import sha256_file
 from .recipe import Plan, Recipe, load_recipe, smoothing_groups
 from .runtime import release_memory, setup_mindspore
+from .stream import calibration_needed
 from .writer import write_json_atomic, write_safetensors
 from .errors import GoldstickError
 
@@ -168,21 +170,87 @@ class QuantizeResult:
     final_logits: np.ndarray | None = None  # quantized logits of the first calibration batch, from the engine
 
 
+class Feedback:
+    """What a run tells its user on stderr while it works: messages, a second bar for the phase of the layer at work
+    (tokens, or OS+ candidates), and what the time estimate is made from. Disabled (``progress=False``) it prints
+    nothing; it still times the phases.
+
+    Each phase has a kind for the estimate: ``statistics`` (a pass that computes only what the statistics need:
+    the attention or less) or ``layer`` (the whole layer, float or quantized); ``measured`` sums the tokens and
+    seconds per kind."""
+
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+        self.measured: dict[str, list] = {}  # kind -> [tokens, seconds]
+        self.bar = None
+        self.unit = self.kind = None
+        self.started = 0.0
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    def phase(self, name: str, total: int, unit: str, kind: str | None = None) -> None:
+        """Start a phase (ending the one before) of ``total`` ``unit`` ("tok" or "candidate")."""
+        self.end_phase()
+        self.unit, self.kind, self.started = unit, kind, time.perf_counter()
+        if kind is not None:
+            self.measured.setdefault(kind, [0, 0.0])
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"  {name}", unit=unit, unit_scale=unit == "tok", position=1,
+                            leave=False, mininterval=0.5, file=sys.stderr)
+
+    def advance(self, n: int, unit: str) -> None:
+        """``n`` more ``unit`` done; ignored when the phase counts another unit (the OS+ search's layer runs)."""
+        if unit != self.unit:
+            return
+        if self.kind is not None:
+            self.measured[self.kind][0] += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def end_phase(self) -> None:
+        if self.kind is not None:
+            self.measured[self.kind][1] += time.perf_counter() - self.started
+        self.unit = self.kind = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def estimate(self, work: dict[str, int]) -> float | None:
+        """Seconds for ``work`` (tokens per kind, LayerQuantizer.planned_work) at the measured seconds per token;
+        None while a kind it needs has not been timed."""
+        seconds = 0.0
+        for kind, tokens in work.items():
+            done, spent = self.measured.get(kind, (0, 0.0))
+            if tokens and not done:
+                return None
+            seconds += tokens * spent / done if tokens else 0.0
+        return seconds
+
+
 # ------------------------------------------------------------------------------------------------ the layer
 class LayerQuantizer:
     """Quantizes one decoder layer in place according to its plan entries."""
 
     def __init__(self, cfg, layer_index: int, tensors: dict[str, np.ndarray], plan: Plan, recipe: Recipe,
-                 batches: list, hidden: list[np.ndarray], executor=None, lean: bool = False):
+                 batches: list, hidden: list[np.ndarray], executor=None, lean: bool = False,
+                 feedback: Feedback | None = None):
         """``lean`` (the engine's layer loop): allow the attention-only float pass (below), and let ``measure``
         replace the items of ``hidden`` with the layer's outputs as they arrive (the caller's list: the next
-        layer's inputs, without a second copy). goldstick.analyze needs the float layer on every token: not lean."""
+        layer's inputs, without a second copy). goldstick.analyze needs the float layer on every token: not lean.
+        ``feedback``: where the phases report their progress (default: silent)."""
         from mindspore import Tensor
 
         from .model import DecoderLayer, Linear, MoE, RMSNorm, StreamedLinear, parameter_placeholders
         from .qlinear import replace_cell
 
         self.cfg, self.index, self.plan, self.recipe = cfg, layer_index, plan, recipe
+        self.feedback = feedback or Feedback()
         self.executor = executor  # a goldstick.executors.Executor for the weight-only/dynamic linears, or None
         self.prefix = f"model.layers.{layer_index}."
         self.batches, self.hidden = batches, hidden
@@ -270,6 +338,7 @@ class LayerQuantizer:
                 shape = inputs[b].shape
                 outputs[b] = y[start:start + shape[0] * shape[1]].reshape(shape)
                 start += shape[0] * shape[1]
+            self.feedback.advance(start, "tok")
         return outputs
 
     def observe(self, all_experts: bool) -> list[np.ndarray]:
@@ -293,9 +362,11 @@ class LayerQuantizer:
                     budget[0] -= x.shape[0]
             handles.append(moe.register_forward_hook(router_hook))
             self.layer.mlp.observe_all_experts = all_experts
+        self.feedback.phase("float pass", _tokens(self.batches), "tok", kind="layer")
         try:
             outputs = self.run(self.hidden)
         finally:
+            self.feedback.end_phase()
             for handle in handles:
                 handle.remove()
             if moe is not None:
@@ -311,14 +382,17 @@ class LayerQuantizer:
 
     def _observe_attention(self) -> list[np.ndarray]:
         """The attention's statistics over every calibration token, then the float layer on the token sample."""
+        self.feedback.phase("statistics pass", _tokens(self.batches), "tok", kind="statistics")
         if self.needs_stats <= {self.prefix + "self_attn." + n for n in (*NORMED_INPUT_PROJECTIONS, "q_b_proj")}:
             for h in self.hidden:
                 self._observe_projection_inputs(h)
+                self.feedback.advance(h.shape[0] * h.shape[1], "tok")
         else:
             handles = [self._stats_hook(name) for name in sorted(self.needs_stats)]
             try:
                 for (ids, cos, sin, mask), h in zip(self.batches, self.hidden):
                     self.layer.self_attn(self.layer.input_layernorm(_tensor(h)), cos, sin, mask)
+                    self.feedback.advance(ids.size, "tok")
             finally:
                 for handle in handles:
                     handle.remove()
@@ -327,10 +401,12 @@ class LayerQuantizer:
         if router is not None:  # the float routing of the sample, reused by the OS+ search
             handle = router.register_forward_hook(
                 lambda cell, inputs, output: self.routes.append((output[0].asnumpy(), output[1].asnumpy())))
+        batches, hidden = self.sample
+        self.feedback.phase("float pass on the sample", _tokens(batches), "tok", kind="layer")
         try:
-            batches, hidden = self.sample
             outputs = self.run(hidden, batches)
         finally:
+            self.feedback.end_phase()
             if handle is not None:
                 handle.remove()
         self.routes = _routes_by_batch(self.routes, batches)
@@ -411,12 +487,14 @@ class LayerQuantizer:
             if method == "osplus":
                 search_jobs.append(([name], None))
         if search_jobs:
+            self.feedback.phase("OS+ search", len(search_jobs) * options.osplus_grid, "candidate")
             if self.attention_only:
                 sample = (*self.sample, float_outputs)  # the float pass ran on the sample only
             else:
                 sample = (*self.sample, [t[: len(ids)] for t, (ids, *_) in zip(float_outputs, self.sample[0])])
             for members, norm in search_jobs:
                 self._search_osplus(members, norm, sample, options.osplus_grid)
+            self.feedback.end_phase()
         for name, norm in self.norms.items():
             if name not in {t.folded_into for t in self.transforms.values()}:
                 norm.weight.set_data(_tensor(bf16_round(self.float_tensors[f"{name}.weight"])))
@@ -562,6 +640,23 @@ class LayerQuantizer:
         else:
             norm.set_bias(bias, f"{norm_name}.bias")
 
+    def planned_work(self) -> dict[str, int]:
+        """Tokens this layer passes through, per kind of pass (Feedback's, the time estimate's cost model):
+        ``statistics`` the statistics pass over every calibration token (attention-only float pass), ``layer`` the
+        whole layer: the float pass, each OS+ candidate on the token sample, the quantized pass."""
+        tokens, sample = _tokens(self.batches), _tokens(self.sample[0])
+        candidates = self.osplus_candidates() * sample
+        if self.attention_only:
+            return {"statistics": tokens, "layer": sample + candidates + sample + tokens}
+        return {"statistics": 0, "layer": tokens + candidates + tokens}
+
+    def osplus_candidates(self) -> int:
+        """How many candidates the OS+ search tries in this layer (each one a layer run on the token sample)."""
+        folded, explicit = self._static_groups()
+        searches = sum(method == "osplus" for *_, method in folded)
+        searches += sum(self.entries[n].scheme.outlier_suppression == "osplus" for n in explicit)
+        return searches * self.recipe.options.osplus_grid
+
     def _sample(self) -> tuple[list, list]:
         """The bounded token sample (batches, inputs) the OS+ search runs on: whole sequences, about
         ``token_sample`` tokens, from the first batches."""
@@ -598,6 +693,7 @@ class LayerQuantizer:
             finally:
                 if moe is not None:
                     moe.forced_routing = None
+            self.feedback.advance(1, "candidate")
             return float(np.mean([np.mean((o - r) ** 2) for o, r in zip(outs, targets)]))
 
         result = alg.osplus_search_scale(shift, lo, hi, np.zeros((1, shift.size), np.float32), layer_loss,
@@ -617,10 +713,13 @@ class LayerQuantizer:
         the pass over every calibration token runs without the float references: they would cost a second, float,
         matmul per linear."""
         if not self.attention_only:
+            self.feedback.phase("quantized pass", _tokens(self.batches), "tok", kind="layer")
             sums, outputs = self._quantized_pass(self.hidden, self.batches)
+            self.feedback.end_phase()
             self._report(sums, float_outputs, outputs, self.hidden)
             return outputs
         batches, hidden = self.sample
+        self.feedback.phase("quantized pass", _tokens(batches) + _tokens(self.batches), "tok", kind="layer")
         sums, sample_outputs = self._quantized_pass(hidden, batches)
         self.reference.clear()  # the float weights are not needed any more: free them before the big pass
         for name in self.linears:
@@ -637,6 +736,7 @@ class LayerQuantizer:
         try:  # each input is dropped as its output arrives (lean: the caller's list)
             outputs = self.run(self.hidden, self.batches, outputs=self.hidden)
         finally:
+            self.feedback.end_phase()
             if handle is not None:
                 handle.remove()
         if router is not None:
@@ -768,6 +868,10 @@ def _routes_by_batch(routes: list, batches: list) -> list[tuple[np.ndarray, np.n
     return list(zip(weights, ids))
 
 
+def _tokens(batches: list) -> int:
+    return int(sum(ids.size for ids, *_ in batches))
+
+
 def _tensor(array: np.ndarray):
     from mindspore import Tensor
 
@@ -890,16 +994,27 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
     work = out / WORK_DIR
     if out.exists() and any(out.iterdir()) and not resume:
         raise QuantizeError(f"{out} is not empty; choose a new folder (or --resume an interrupted run there)")
-    if resume and (out / "manifest.json").exists():
-        return _finished_run(out, work, plan, recipe)
-    if resume and not (work / "state.json").exists():
+    feedback = Feedback(progress)
+    finished = resume and (out / "manifest.json").exists()
+    if resume and not finished and not (work / "state.json").exists():
+        feedback.say(f"resume: {out} holds no finished layer; starting from layer 0")
         resume = False  # nothing was finished yet: start from the beginning
 
     tok = load_tokenizer(model)
     cal = recipe.calibration
+    seq_len, clipped = _within_context(cfg, calib_seq_len or cal.seq_len)
     calib = load_calibration(calibration or cal.data or DEFAULT_CALIBRATION, tok.tokenizer,
-                             samples=calib_samples or cal.samples, seq_len=calib_seq_len or cal.seq_len,
+                             samples=calib_samples or cal.samples, seq_len=seq_len,
                              seed=cal.seed if calib_seed is None else calib_seed, bos_id=tok.bos_id)
+    if clipped:
+        print(f"goldstick: warning: {clipped}", file=sys.stderr, flush=True)
+        calib.notes.append(clipped)
+    recorded = recorded_recipe(recipe, plan, calib)
+    if finished:
+        return _finished_run(out, work, plan, recorded)
+    given = {"samples": calib_samples is not None, "seq_len": calib_seq_len is not None,
+             "data": calibration is not None, "seed": calib_seed is not None}
+    feedback.say(_calibration_summary(recipe, calib, given, bool(calibration_needed(plan))))
     fingerprint = _fingerprint(reader, recipe, calib)
     batches = _prepare_batches(cfg, calib)
 
@@ -914,6 +1029,7 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
                                 "resume needs the same inputs")
         state.setdefault("files", {})
         _check_work_files(out, work, state)
+        feedback.say(_resume_summary(state["finished"], cfg.num_hidden_layers))
     else:
         write_json_atomic(work / "state.json", state)
     if state["finished"] >= 0:
@@ -928,7 +1044,7 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
 
     ex = None if executor is None and workers is None else get_executor(executor, workers)
     try:
-        return _run_layers(out, work, state, reader, recipe, plan, calib, batches, hidden, progress,
+        return _run_layers(out, work, state, reader, recipe, plan, calib, batches, hidden, feedback,
                            max_shard_bytes, stop_after_layer, export_format, ex)
     except KeyboardInterrupt:
         try:
@@ -940,22 +1056,34 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
                  if left else f"finish writing the checkpoint (all {cfg.num_hidden_layers} layers are quantized)")
         raise QuantizeInterrupted(f"interrupted; rerun with --resume to {where}") from None
     finally:
+        feedback.end_phase()
         if ex is not None and not isinstance(executor, Executor):
             ex.close()  # one we made (a passed-in Executor stays the caller's)
 
 
 def _run_layers(out: Path, work: Path, state: dict, reader: CheckpointReader, recipe: Recipe, plan: Plan,
-                calib: CalibrationSet, batches: list, hidden: list, progress: bool, max_shard_bytes: int,
+                calib: CalibrationSet, batches: list, hidden: list, feedback: Feedback, max_shard_bytes: int,
                 stop_after_layer: int | None, export_format: str, executor=None) -> QuantizeResult:
     """The layer loop from the first unfinished layer, then the assembly; ``state`` is updated as layers finish."""
     cfg = reader.config
+    progress = feedback.enabled
     layers = range(state["finished"] + 1, cfg.num_hidden_layers)
     bar = _progress(layers, progress, cfg.num_hidden_layers, state["finished"] + 1)
+    per_layer: dict[str, float | None] = {}  # "dense" / "MoE": estimated seconds of one layer, from the first timed
     for i in bar:
         started = time.time()
         lq = LayerQuantizer(cfg, i, LayerTensors(reader, i), plan, recipe, batches, hidden, executor=executor,
-                            lean=True)
+                            lean=True, feedback=feedback)
+        kind = "MoE" if cfg.is_moe_layer(i) else "dense"
+        timing = kind not in per_layer  # the first layer of its kind: its float pass times the estimate
+        if timing:
+            if not per_layer:
+                feedback.say(_work_summary(lq, len(layers)))
+            feedback.measured.clear()
         float_outputs = lq.observe(recipe.options.moe_calibrate_all_experts)
+        if timing:
+            per_layer[kind] = feedback.estimate(lq.planned_work())
+            feedback.say(_estimate_summary(per_layer, kind, cfg, i))
         lq.quantize(float_outputs)
         quant_outputs = lq.measure(float_outputs)
         tensors, labels = lq.tensors()
@@ -1038,8 +1166,20 @@ def _check_work_files(out: Path, work: Path, state: dict) -> None:
                             "quantize again without --resume")
 
 
+def recorded_recipe(recipe: Recipe, plan: Plan, calib: CalibrationSet) -> Recipe:
+    """The recipe a checkpoint records (its recipe.yaml): with the calibration the run used (source, samples,
+    sequence length after clipping to the context, seed), so that quantizing with it again reproduces the run. A
+    recipe that needs no calibration is recorded as given: the data only measured the report's errors, and the
+    streaming path, which reads none, writes the same recipe.yaml."""
+    if not calibration_needed(plan):
+        return recipe
+    return recipe.with_calibration(data=portable_source(calib.source), samples=calib.samples,
+                                   seq_len=calib.seq_len, seed=calib.seed)
+
+
 def write_checkpoint_metadata(writer, cfg, recipe: Recipe, plan: Plan, source: Path, out: Path) -> None:
-    """What every quantized checkpoint carries besides its tensors (both the layer and the streaming path)."""
+    """What every quantized checkpoint carries besides its tensors (both the layer and the streaming path);
+    ``recipe`` as recorded (``recorded_recipe``)."""
     from .export import copy_side_files, write_text_atomic
 
     writer.write_config(cfg.to_dict(), recipe.name, plan.counts_by_label())
@@ -1055,10 +1195,12 @@ def _remove_temporaries(out: Path) -> None:
 
 
 def _finished_run(out: Path, work: Path, plan: Plan, recipe: Recipe) -> QuantizeResult:
-    """``resume`` on a folder with a manifest: the run finished (the manifest is written last)."""
+    """``resume`` on a folder with a manifest: the run finished (the manifest is written last). ``recipe`` as
+    recorded (``recorded_recipe``)."""
     written = out / "recipe.yaml"
     if not written.exists() or written.read_text() != recipe.to_yaml():
-        raise QuantizeError(f"{out} holds a finished run of another recipe (manifest.json): nothing to resume")
+        raise QuantizeError(f"{out} holds a finished run of another recipe or calibration (manifest.json): "
+                            "nothing to resume")
     if not work.exists():
         raise QuantizeError(f"{out} holds a finished run (manifest.json): nothing to resume")
     shutil.rmtree(work)  # killed while removing its work folder, after the manifest: only the cleanup was left
@@ -1071,6 +1213,74 @@ def _progress(layers, enabled: bool, total: int, initial: int):
     from tqdm import tqdm
 
     return tqdm(layers, total=total, initial=initial, desc="quantize", unit="layer")
+
+
+def _within_context(cfg, seq_len: int) -> tuple[int, str | None]:
+    """The calibration sequence length clipped to the model's context, and the warning when it was clipped."""
+    context = cfg.max_position_embeddings
+    if seq_len <= context:
+        return seq_len, None
+    return context, (f"calibration seq_len {seq_len} is longer than the model's context (max_position_embeddings "
+                     f"{context}): calibrating on sequences of {context} tokens")
+
+
+def _calibration_summary(recipe: Recipe, calib: CalibrationSet, given: dict[str, bool], needed: bool) -> str:
+    """The calibration set's size and where it comes from, said before the run."""
+    cal = recipe.calibration
+    default = f"{cal.samples} x {cal.seq_len}"
+    if given["samples"] and given["seq_len"]:
+        size = f"given; the recipe's default: {default}"
+    elif given["samples"] or given["seq_len"]:
+        mine, theirs = ("samples", "seq_len") if given["samples"] else ("seq_len", "samples")
+        size = f"{mine} given, {theirs} from the recipe's default: {default}"
+    else:
+        size = f"recipe {recipe.name or '(unnamed)'}'s default; --calib-samples / --calib-seq-len change it"
+    data = "given" if given["data"] else "the recipe's" if cal.data else "the default"
+    line = (f"calibration: {calib.samples} samples x {calib.seq_len} tokens = {calib.tokens:,} tokens ({size}) from "
+            f"{portable_source(calib.source)} ({data}), seed {calib.seed}")
+    if not needed:
+        line += "; the recipe needs no calibration: the data only measures the report's per-layer errors"
+    return line
+
+
+def _resume_summary(finished: int, layers: int) -> str:
+    done = "layer 0 finished" if finished == 0 else f"layers 0-{finished} finished"
+    if finished + 1 >= layers:
+        return f"resuming: all {layers} layers finished; writing the checkpoint"
+    return f"resuming from layer {finished + 1} of {layers} ({done})"
+
+
+def _work_summary(lq: LayerQuantizer, layers: int) -> str:
+    """The run's work in tokens through the layers (the time estimate's cost model), said before it starts."""
+    work, sample, candidates = lq.planned_work(), _tokens(lq.sample[0]), lq.osplus_candidates()
+    each = f"{work['statistics']:,} tokens through the statistics pass and " if work["statistics"] else ""
+    each += f"{work['layer']:,} {'' if each else 'tokens '}through the whole layer (float and quantized passes"
+    each += f", {candidates} OS+ candidates on a {sample:,}-token sample)" if candidates else ")"
+    return f"work: {layers} layer{'s' if layers > 1 else ''}, each {each}; a time estimate follows"
+
+
+def _estimate_summary(per_layer: dict[str, float | None], kind: str, cfg, layer: int) -> str:
+    """The time estimate for layers ``layer`` to the last, from the per-layer estimates of dense and MoE layers
+    (a kind not timed yet counted as the one that was)."""
+    if per_layer[kind] is None:
+        return "estimate: none (no pass was timed)"
+    left = ["MoE" if cfg.is_moe_layer(i) else "dense" for i in range(layer, cfg.num_hidden_layers)]
+    seconds = sum(per_layer.get(k) or per_layer[kind] for k in left)
+    untimed = [k for k in left if k not in per_layer]
+    line = (f"estimate: about {_duration(seconds)} for the {len(left)} layer{'s' if len(left) > 1 else ''} left (an "
+            f"estimate: {kind} layer {layer}'s first passes timed and scaled by the token counts above")
+    if untimed:
+        line += (f"; the {len(untimed)} {untimed[0]} layer{'s' if len(untimed) > 1 else ''} counted as {kind} ones "
+                 f"until layer {left.index(untimed[0]) + layer} is timed")
+    return line + ")"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _final_logits(reader: CheckpointReader, hidden: np.ndarray) -> np.ndarray:
@@ -1120,7 +1330,7 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
         raise
     writer.close(what=f"recipe {recipe.name or '(unnamed)'}")
 
-    write_checkpoint_metadata(writer, cfg, recipe, plan, reader.path, out)
+    write_checkpoint_metadata(writer, cfg, recorded_recipe(recipe, plan, calib), plan, reader.path, out)
     report = {
         "recipe": recipe.name,
         "model": str(reader.path),

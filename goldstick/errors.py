@@ -16,6 +16,7 @@ recipe.py, ...) derived from ``GoldstickError`` and from the builtin it always w
     ├── AnalyzeError (ValueError)        the analysis command's inputs                          analyze.py
     ├── ExportError (ValueError)         what a format cannot hold                              export.py
     ├── QuantizeError (RuntimeError)     a quantization run that cannot go on                   engine.py
+    ├── ServeError (RuntimeError)        a server that cannot start (its port is taken)          serve.py
     ├── StreamError (RuntimeError)       the data-free streaming path (non-finite weights, ...)  stream.py
     ├── WriterError (RuntimeError)       misuse of the sharded writer                           writer.py
     ├── TokenizerError (ValueError)      a missing or unreadable tokenizer.json                 errors.py

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import algorithms as alg
 from .calibration import load_calibration
+from .errors import UsageError
 
 HELDOUT = "eval/heldout/heldout-zh-en.jsonl"
 
@@ -84,8 +85,20 @@ def compare_logits(float_logits: list[np.ndarray], quant_logits: list[np.ndarray
 
 def compare_models(float_dir: str | Path, quant_dir: str | Path, data: str | Path = HELDOUT, samples: int = 16,
                    seq_len: int = 128, seed: int = 1234, float_logits: list[np.ndarray] | None = None) -> Comparison:
-    """Load both checkpoints and compare them on ``samples`` windows of held-out text."""
+    """Load both checkpoints and compare them on ``samples`` windows of held-out text.
+
+    Refuses a quantized ``float_dir`` (the two folders given the wrong way round), naming which is which.
+    """
+    from .export import detect_format
     from .loader import load_model
+
+    float_format = detect_format(float_dir)
+    if float_format is not None:
+        quant_format = detect_format(quant_dir)
+        swapped = (f"; {quant_dir} is not, so the two are swapped: give the float model first, "
+                   f"then the quantized one" if quant_format is None else "")
+        raise UsageError(f"{float_dir} is a quantized checkpoint ({float_format} format), but the first argument "
+                         f"must be the float model{swapped}")
 
     batches = heldout_batches(float_dir, data, samples, seq_len, seed)
     if float_logits is None:

@@ -24,9 +24,7 @@ quantized linear ``(linear, "W8A8"|..., {local name: array})``, in layer order, 
 
 compressed-tensors cannot express everything the mindspore layout can, and vLLM refuses some of what it can
 express. The exporter refuses such a model with one error naming every offending layer and why
-(``REFUSALS``). Shipped recipes: ``deepseek-r1-w8a8-dynamic`` and ``deepseek-r1-w8a16`` export;
-``deepseek-r1-w8a8-mixed`` (OS+ shifts), ``deepseek-r1-w8a8-smoothquant`` and ``deepseek-r1-w8a8-static-naive``
-(static activations on routed experts; smoothquant also per-channel input scales) do not.
+(``REFUSALS``); the refusal lists the shipped recipes that do export (``exportable_recipes``).
 """
 
 from __future__ import annotations
@@ -156,13 +154,30 @@ def summarize_names(names) -> str:
     return "; ".join(out)
 
 
-def refusal_message(problems: dict[str, list[str]], what: str) -> str:
+def refusal_message(problems: dict[str, list[str]], what: str, cfg: ModelConfig) -> str:
     lines = [f"{what} cannot be written as compressed-tensors (vLLM could not serve it as quantized):"]
     for key in REFUSALS:
         if problems.get(key):
             lines.append(f"  - {REFUSALS[key]}: {summarize_names(problems[key])}")
-    lines.append("Recipes that export: deepseek-r1-w8a8-dynamic, deepseek-r1-w8a16; or keep --format mindspore.")
+    exportable = exportable_recipes(cfg)
+    lines.append(f"Shipped recipes that export for this model: {', '.join(exportable) or 'none'}; "
+                 "or keep --format mindspore.")
     return "\n".join(lines)
+
+
+def exportable_recipes(cfg: ModelConfig) -> list[str]:
+    """The shipped recipes whose plan for ``cfg`` compressed-tensors can hold (read from the recipes themselves)."""
+    from .recipe import load_recipe, shipped_recipes
+
+    names = []
+    for name in shipped_recipes():
+        try:
+            plan = load_recipe(name).plan(cfg)
+        except GoldstickError:
+            continue  # a recipe whose rules do not fit this model
+        if not plan_problems(cfg, plan):
+            names.append(name)
+    return names
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -309,15 +324,22 @@ def ct_to_mindspore(name: str, scheme: str, t: dict[str, np.ndarray]) -> dict[st
 
 # ------------------------------------------------------------------------------------------------ plan-level check
 def check_plan(cfg: ModelConfig, plan, fmt: str) -> None:
-    """Before calibrating: refuse a plan whose result ``fmt`` could not hold (compressed-tensors only).
+    """Before calibrating: refuse a plan whose result ``fmt`` could not hold (compressed-tensors only)."""
+    if check_format(fmt) != COMPRESSED_TENSORS:
+        return
+    problems = plan_problems(cfg, plan)
+    if problems:
+        raise ExportError(refusal_message(problems, f"recipe {plan.recipe.name or '(unnamed)'}", cfg))
+
+
+def plan_problems(cfg: ModelConfig, plan) -> dict[str, list[str]]:
+    """What of ``plan``'s result compressed-tensors cannot hold: ``REFUSALS`` key -> names.
 
     Static linears whose suppression method is shared by every linear their norm feeds fold it into that norm
     (``LayerQuantizer._static_groups``); the others keep it explicit, per channel.
     """
     from .recipe import smoothing_groups
 
-    if check_format(fmt) != COMPRESSED_TENSORS:
-        return
     problems: dict[str, list[str]] = defaultdict(list)
     entries = {e.name: e.scheme for e in plan}
     for layer in range(cfg.num_hidden_layers):
@@ -342,8 +364,7 @@ def check_plan(cfg: ModelConfig, plan, fmt: str) -> None:
                 problems["quant-bias"].append(name)
             elif method == "smoothquant" and name not in folded:
                 problems["per-channel-input"].append(name)
-    if problems:
-        raise ExportError(refusal_message(problems, f"recipe {plan.recipe.name or '(unnamed)'}"))
+    return dict(problems)
 
 
 # ---------------------------------------------------------------------------------------------- compressed-tensors config
@@ -660,7 +681,7 @@ class CheckpointWriter:
             if self.fmt == COMPRESSED_TENSORS:
                 self._check_fused()
             if self.problems:
-                raise ExportError(refusal_message(self.problems, what))
+                raise ExportError(refusal_message(self.problems, what, self.cfg))
             missing = self.linears - set(self.schemes)
             if self.cfg.tie_word_embeddings:
                 missing.discard("lm_head")

@@ -925,6 +925,9 @@ def run_make_model(args: argparse.Namespace) -> int:
             overrides[key.strip()] = int(value)
         except ValueError:
             raise ValueError(f"--set {item!r}: expected KEY=INTEGER, e.g. hidden_size=7168") from None
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (add --overwrite to replace it)")
     path = make_model(args.out, size=args.size, fp8=args.fp8, max_shard_bytes=shard, seed=args.seed,
                       dtype=args.dtype, overwrite=args.overwrite, overrides=overrides or None)
     info = json.loads((path / "make_model.json").read_text())

@@ -15,14 +15,21 @@ status (5xx only for a failure of our own).
 """
 
 # (no ``from __future__ import annotations``: FastAPI reads the handlers' annotations, e.g. Request, at runtime)
+import socket
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Annotated
 
+from .errors import GoldstickError
+
 DEFAULT_MAX_BODY_BYTES = 1 << 20   # a larger request body gets 413
 MAX_PROMPTS = 16                   # prompts per request (a list prompt is decoded as one left-padded batch)
+
+
+class ServeError(GoldstickError, RuntimeError):
+    """The server cannot start (its port is taken)."""
 
 
 class Engine:
@@ -169,13 +176,38 @@ def create_app(engine: Engine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info") -> None:
-    """Load the model, then serve until interrupted."""
+    """Take the port, load the model, then serve until interrupted.
+
+    The port is bound before the model loads, so a busy port is a ``ServeError`` at once; uvicorn then serves on
+    that very socket.
+    """
     import uvicorn
 
-    started = time.time()
-    engine = Engine(model_dir, served_model_name)
-    print(f"goldstick serve: {engine.model_id} loaded in {time.time() - started:.1f}s; "
-          f"http://{host}:{port}/v1/completions", flush=True)
-    uvicorn.run(create_app(engine, max_body_bytes), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+    sock = bind_port(host, port)
+    try:
+        started = time.time()
+        engine = Engine(model_dir, served_model_name)
+        print(f"goldstick serve: {engine.model_id} loaded in {time.time() - started:.1f}s; "
+              f"http://{host}:{port}/v1/completions", flush=True)
+        config = uvicorn.Config(create_app(engine, max_body_bytes), log_level=log_level,
+                                timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``, or a ``ServeError`` naming the address when it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                         "(is another server using it? choose another --port)") from None
+    sock.set_inheritable(True)
+    return sock
 

@@ -312,6 +312,127 @@ def test_comparison_counts_flips_by_direction_and_bootstraps_reproducibly():
     assert other["comparisons"]["q"]["delta_ci"] != c["delta_ci"]
 
 
+# ---- report plots and the markdown around them ------------------------------------------------------------------
+def _answers():
+    return np.array(["ABCD".index(q.answer) for q in ce.load_ceval(FIXTURE, "val").questions()])
+
+
+def _texts(ax):
+    return [t.get_text() for t in ax.texts]
+
+
+def test_category_and_hard_kl_are_the_mean_over_their_questions():
+    answers = _answers()
+    report, runs = _report(answers, answers)  # same answers, different noise: every Δ is 0, the KL is not
+    c = report["comparisons"]["q"]
+    kl = ca.kl_divergence(runs[0].scores, runs[1].scores)
+    subjects = [q.subject for q in runs[0].questions]
+    stem = [i for i, s in enumerate(subjects) if ce.SUBJECTS[s].category == "STEM"]
+    assert c["categories"]["STEM"]["kl_mean"] == pytest.approx(kl[stem].mean(), rel=1e-3)
+    hard = [i for i, s in enumerate(subjects) if s in ce.HARD]
+    assert c["hard"]["kl_mean"] == pytest.approx(kl[hard].mean(), rel=1e-3)
+    assert c["subjects"]["basic_medicine"]["kl_mean"] == pytest.approx(
+        kl[[i for i, s in enumerate(subjects) if s == "basic_medicine"]].mean(), rel=1e-3)
+    assert c["kl"]["mean"] == pytest.approx(kl.mean(), rel=1e-3) and c["kl"]["mean"] > 0
+    assert all(v["kl_mean"] > 0 for v in c["subjects"].values())  # small values keep significant digits
+
+
+def test_no_loss_gives_a_note_not_empty_bars_and_a_kl_plot(tmp_path):
+    answers = _answers()
+    report, runs = _report(answers, answers)
+    ca.gate_report(report)
+    ca.write_report(report, runs, tmp_path)
+    assert report["plots"] == ["categories.png", "subjects.png", "kl.png"]
+    assert all((tmp_path / p).stat().st_size > 0 for p in report["plots"])
+    md = (tmp_path / "ceval.md").read_text()
+    assert "![kl.png](kl.png)" in md and "`kl.png`: KL(float‖quantized)" in md
+    assert "Most damaged subjects: none. No subject lost accuracy: Δ = 0 in all 5 subjects." in md
+    assert "Largest A–D KL (subjects, nats): `" in md and "| KL mean (nats) |" in md
+    assert json.loads((tmp_path / "ceval.json").read_text())["plots"] == report["plots"]
+
+    (ax,) = ca.plot_subjects(report).axes
+    assert "No subject lost accuracy: Δ = 0 in all 5 subjects" in _texts(ax)
+    assert not ax.containers and not ax.patches  # no bars at all, not zero-length ones
+
+    fig = ca.plot_categories(report)
+    assert any("Δ = 0 in every group" in t and "kl.png" in t for t in _texts(fig.axes[1]))
+
+    top, bottom = ca.plot_kl(report).axes
+    c = report["comparisons"]["q"]
+    (bars,) = bottom.containers
+    drawn = {label.get_text().split(" (")[0]: bar.get_width()
+             for label, bar in zip(bottom.get_yticklabels(), bars.patches)}
+    assert drawn == {s: pytest.approx(v["kl_mean"]) for s, v in c["subjects"].items()}
+    assert list(drawn.values()) == sorted(drawn.values())  # the largest KL at the top
+    (bars,) = top.containers
+    names = [t.get_text() for t in top.get_xticklabels()]
+    assert names == ["STEM", "Social Science", "Humanities", "Other", "Hard", "Overall"]
+    heights = [b.get_height() for b in bars.patches]
+    assert heights == pytest.approx([c["categories"][g]["kl_mean"] for g in names[:4]]
+                                    + [c["hard"]["kl_mean"], c["kl"]["mean"]])
+
+
+def test_gains_only_note_and_damaged_bars_only_for_losses():
+    answers = _answers()
+    float_pred = answers.copy()
+    float_pred[6] = (answers[6] + 1) % 4
+    gained, _ = _report(float_pred, answers)  # math: wrong -> correct; nothing lost
+    note = "No subject lost accuracy: Δ ≥ 0 in all 5 subjects (1 gained)"
+    assert ca.no_loss_note(gained["comparisons"]["q"]) == note
+    assert f"Most damaged subjects: none. {note}." in ca.render_markdown(gained)
+    assert note in _texts(ca.plot_subjects(gained).axes[0])
+
+    quant = float_pred.copy()
+    quant[[0, 1]] = (answers[[0, 1]] + 1) % 4  # computer_network loses, math (float wrong on 6) unchanged
+    quant[18] = (answers[18] + 1) % 4  # modern_chinese_history loses less
+    lost, _ = _report(float_pred, quant)
+    c = lost["comparisons"]["q"]
+    assert ca.no_loss_note(c) is None
+    md = ca.render_markdown(lost)
+    assert "Most damaged subjects: `computer_network` (-33.3), `modern_chinese_history` (-16.7)\n" in md
+    from matplotlib.container import BarContainer
+
+    (ax,) = ca.plot_subjects(lost).axes
+    (bars,) = [b for b in ax.containers if isinstance(b, BarContainer)]
+    assert [b.get_width() for b in bars.patches] == pytest.approx([-100 / 6, -100 / 3], abs=1e-3)
+    assert all(b.get_width() < 0 for b in bars.patches) and not _texts(ax)
+    assert "3 subject(s) did not" in ax.get_xlabel()
+
+
+def test_legends_sit_outside_the_axes():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    answers = _answers()
+    quant = answers.copy()
+    quant[[0, 1, 2]] = (answers[[0, 1, 2]] + 1) % 4
+    report, _ = _report(answers, quant)
+    ca.gate_report(report)
+    for fig in (ca.plot_categories(report), ca.plot_kl(report)):
+        FigureCanvasAgg(fig).draw()
+        assert all(ax.get_legend() is None for ax in fig.axes)
+        (legend,) = fig.legends
+        box = legend.get_window_extent()
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent()), "the legend covers an axes"
+            assert not box.overlaps(ax.title.get_window_extent())
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert "q" in labels
+    labels = [t.get_text() for t in ca.plot_categories(report).legends[0].get_texts()]
+    assert labels == ["float", "q", "chance (25)", "allowed drop"]
+
+
+def test_identical_models_kl_plot_says_zero():
+    answers = _answers()
+    data = ce.load_ceval(FIXTURE, "val")
+    run = _run("float", data.questions(), answers, 0.3)
+    same = ce.ModelRun(label="same", path="x", scores=run.scores.copy(), questions=run.questions)
+    report = ca.build_report(data, [run, same], [ce.Request([0], 0, False)] * len(answers), 0, None, 1024, 100, 0)
+    top, bottom = ca.plot_kl(report).axes
+    assert not top.containers and not bottom.containers
+    assert "KL = 0 in every subject: the A–D distributions are identical" in _texts(bottom)
+    assert any("KL = 0" in t for t in _texts(ca.plot_categories(report).axes[1]))
+
+
 def _fake(delta, ci):
     return {"comparisons": {"q": {"delta_points": delta, "delta_ci": ci}}, "overlap": {}}
 
@@ -396,9 +517,11 @@ def test_cli_float_against_itself(tmp_path, float_dir, capsys):
     c = report["comparisons"]["again"]
     assert c["delta_points"] == 0 and c["flip_rate"] == 0 and c["kl"]["max"] == 0
     assert report["gate"]["passed"]
-    assert (out / "categories.png").stat().st_size > 0 and (out / "subjects.png").stat().st_size > 0
+    assert all((out / p).stat().st_size > 0 for p in ("categories.png", "subjects.png", "kl.png"))
+    assert report["plots"] == ["categories.png", "subjects.png", "kl.png"]
     md = (out / "ceval.md").read_text()
     assert "## `again` against `float`" in md and "Gate: PASSED" in md
+    assert "![kl.png](kl.png)" in md and "No subject lost accuracy: Δ = 0 in all 3 subjects" in md
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 9
     assert "again vs float: delta +0.00" in capsys.readouterr().out
 

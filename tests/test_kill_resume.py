@@ -1,13 +1,18 @@
 """Crash and resume with real kills (issue 7, part 2).
 
 `goldstick quantize` runs as a subprocess on the embedded 4-layer model with a 2 MiB shard cap (9 shards). It is
-SIGKILLed at seeded random moments spread over its layer phase, and inside two writes forced by the
-GOLDSTICK_TEST_STALL hook (goldstick/faults.py: the writer stops with a file's header and half its data on disk and
-waits to be killed): a shard of the final checkpoint and a layer's work file. Every kill is followed by a
-`--resume` run, which is itself the next one killed; the last one completes. Every file of the result (shards,
-index, config, description, recipe, report, manifest) must be byte-identical to an uninterrupted run: the report
-holds no timings or dates, so nothing is excluded. Ctrl-C (SIGINT) must give one message naming the layer to resume
-from, exit status 130, no traceback, and a state that `--resume` completes into the same bytes.
+SIGKILLed at seeded random points of its own progress, and inside two writes forced by the GOLDSTICK_TEST_STALL hook
+(goldstick/faults.py: the writer stops with a file's header and half its data on disk and waits to be killed): a
+shard of the final checkpoint and a layer's work file. The progress points come from a probe (PROBE below: the CLI
+run with a few engine, model and writer functions wrapped) that names every step of the run (`layer 2|float
+pass|attend#3`: the third attention call of layer 2's float pass) and, asked for one step, stops there and waits to
+be killed, as the stall hook does. An uninterrupted run records the steps; each kill draws one of the steps left
+(a layer not yet finished, or the assembly), so every kill lands where it was aimed however loaded the machine is.
+Every kill is followed by a `--resume` run, which is itself the next one killed; the last one completes. Every file
+of the result (shards, index, config, description, recipe, report, manifest) must be byte-identical to an
+uninterrupted run: the report holds no timings or dates, so nothing is excluded. Ctrl-C (SIGINT) must give one
+message naming the layer to resume from, exit status 130, no traceback, and a state that `--resume` completes into
+the same bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,10 +37,106 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = "deepseek-r1-w8a8-dynamic"        # cheap: the kill sequence reruns it many times
 CALIBRATED = "deepseek-r1-w8a8-smoothquant"  # statistics, smoothing folded into norms: the Ctrl-C test
 ARGS = ["--calib-samples", "4", "--calib-seq-len", "32", "--no-progress", "--max-shard-size", "2"]
-TIMED_KILLS = 5
+PROGRESS_KILLS = 5  # the first inside a layer's float (calibration) pass, the others anywhere in what is left
 SEED = 20261127
 POLL = 0.01
 TIMEOUT = 300
+
+# The probe: runs `goldstick.cli` with some functions of the run wrapped. Each call is a step, named
+# "stage|phase|function#n" (the n-th call of that function in that phase of that stage: "layer 2", "assembly"), so a
+# step has the same name in a run resumed before its stage. GOLDSTICK_TEST_PROBE_LOG: append every step's name to
+# this file. GOLDSTICK_TEST_PROBE_PAUSE: at that step, before the call, write "<pid> <step>\n" to
+# GOLDSTICK_TEST_PROBE_MARKER and sleep until killed (like faults.stall). A function that is gone fails the run.
+PROBE = r'''
+import functools, os, runpy, sys, time
+from pathlib import Path
+
+import goldstick.engine as engine
+import goldstick.writer as writer
+
+LOG = os.environ.get("GOLDSTICK_TEST_PROBE_LOG")
+PAUSE = os.environ.get("GOLDSTICK_TEST_PROBE_PAUSE")
+MARKER = os.environ.get("GOLDSTICK_TEST_PROBE_MARKER")
+where = {"stage": "startup", "phase": "setup"}
+calls = {}
+
+
+def step(name):
+    key = (where["stage"], where["phase"], name)
+    calls[key] = calls.get(key, 0) + 1
+    label = f"{key[0]}|{key[1]}|{name}#{calls[key]}"
+    if LOG:
+        with open(LOG, "a") as f:
+            f.write(label + "\n")
+    if label == PAUSE:
+        Path(MARKER).write_text(f"{os.getpid()} {label}\n")
+        time.sleep(600)  # bounded in case nobody kills
+
+
+def probe(owner, attr, stage=None, phase=None, detail=None):
+    original = getattr(owner, attr)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        if stage is not None:
+            where["stage"] = stage(args) if callable(stage) else stage
+        if phase is not None:
+            where["phase"] = phase
+        step(attr + (f"({detail(args)})" if detail else ""))
+        return original(*args, **kwargs)
+    setattr(owner, attr, wrapper)
+
+
+def file_name(args):
+    return Path(args[0]).name
+
+
+model_probed = []
+
+
+def probe_model():  # goldstick.model imports MindSpore: wrapped once the engine has set MindSpore up
+    if not model_probed:
+        import goldstick.model as model
+        import goldstick.qlinear as qlinear
+        probe(model.DecoderLayer, "attend")
+        probe(model.DecoderLayer, "feed_forward")
+        for cell in (model.Attention, model.MLP, model.Router, model.Linear, model.StreamedLinear,
+                     qlinear.DynamicW8A8Linear):  # inside the passes: each cell call is a step
+            probe(cell, "construct", detail=lambda args, name=cell.__name__: name)
+        model_probed.append(True)
+
+
+LQ = engine.LayerQuantizer
+original_init = LQ.__init__
+
+
+@functools.wraps(original_init)
+def init(self, cfg, layer_index, *args, **kwargs):
+    probe_model()
+    where["stage"], where["phase"] = f"layer {layer_index}", "load"
+    step("LayerQuantizer")
+    original_init(self, cfg, layer_index, *args, **kwargs)
+
+
+LQ.__init__ = init
+probe(LQ, "observe", phase="float pass")
+probe(engine.RunningStats, "update")
+probe(LQ, "quantize", phase="quantize")
+for name in ("_set_float", "_set_weight_quant", "_set_dynamic_smoothed", "_set_static"):
+    probe(LQ, name, detail=lambda args: args[1])
+probe(LQ, "measure", phase="quantized pass")
+probe(LQ, "tensors", phase="work files")
+probe(engine, "write_safetensors", detail=file_name)
+probe(engine, "write_json_atomic", detail=file_name)
+probe(engine, "_final_logits", stage="assembly", phase="shards")
+probe(engine, "_assemble", stage="assembly", phase="shards")
+probe(writer.PlannedShardWriter, "open")
+probe(writer.PlannedShardWriter, "write", detail=lambda args: args[1])
+probe(writer.PlannedShardWriter, "close")
+probe(engine, "write_checkpoint_metadata", phase="metadata")
+probe(engine, "_write_manifest")
+runpy.run_module("goldstick.cli", run_name="__main__", alter_sys=True)
+'''
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -45,14 +145,21 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def start(recipe: str, out: Path, *extra: str, stall: str | None = None, marker: Path | None = None,
-          progress: bool = False):
+          pause: str | None = None, record: Path | None = None):
+    """``stall``: GOLDSTICK_TEST_STALL (a file name pattern); ``pause``: a step of the probe; ``record``: the probe
+    logs every step there. Both hooks write ``marker`` once the run waits to be killed."""
     env = dict(os.environ)
-    env.pop("GOLDSTICK_TEST_STALL", None)
+    for name in ("GOLDSTICK_TEST_STALL", "GOLDSTICK_TEST_PROBE_LOG", "GOLDSTICK_TEST_PROBE_PAUSE"):
+        env.pop(name, None)
     if stall:
         env.update(GOLDSTICK_TEST_STALL=stall, GOLDSTICK_TEST_STALL_MARKER=str(marker))
-    args = [a for a in ARGS if a != "--no-progress" or not progress]
-    return subprocess.Popen([sys.executable, "-m", "goldstick.cli", "quantize", recipe, "--model",
-                             str(default_model_path()), "--out", str(out), *args, *extra],
+    if pause:
+        env.update(GOLDSTICK_TEST_PROBE_PAUSE=pause, GOLDSTICK_TEST_PROBE_MARKER=str(marker))
+    if record:
+        env.update(GOLDSTICK_TEST_PROBE_LOG=str(record))
+    cli = ["-c", PROBE] if pause or record else ["-m", "goldstick.cli"]
+    return subprocess.Popen([sys.executable, *cli, "quantize", recipe, "--model",
+                             str(default_model_path()), "--out", str(out), *ARGS, *extra],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=_default_sigint)
 
@@ -63,23 +170,6 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def layer_phase_started(proc: subprocess.Popen) -> threading.Event:
-    """Set when the run's progress bar first appears on stderr: calibration is loaded, the layer loop begins."""
-    started = threading.Event()
-
-    def read():
-        seen = ""
-        try:
-            for chunk in iter(lambda: proc.stderr.read(64), ""):
-                seen = (seen + chunk)[-256:]
-                if "quantize:" in seen:
-                    started.set()
-        except (ValueError, OSError):  # the pipe was closed after a kill
-            pass
-    threading.Thread(target=read, daemon=True).start()
-    return started
-
-
 def finished_layer(out: Path) -> int | None:
     try:
         return json.loads((out / WORK_DIR / "state.json").read_text())["finished"]
@@ -87,17 +177,20 @@ def finished_layer(out: Path) -> int | None:
         return None
 
 
-def wait_for(proc: subprocess.Popen, condition, what: str, may_finish: bool = False) -> None:
+def wait_for(proc: subprocess.Popen, condition, what: str) -> None:
     deadline = time.time() + TIMEOUT
     while not condition():
         if proc.poll() is not None:
-            if may_finish and proc.returncode == 0:
-                return
             pytest.fail(f"quantize exited ({proc.returncode}) before {what}:\n{proc.stderr.read()}")
         if time.time() > deadline:
             proc.kill()
             pytest.fail(f"no {what} after {TIMEOUT}s")
         time.sleep(POLL)
+
+
+def waiting(marker: Path):
+    """The run waits to be killed: its hook wrote the whole marker line."""
+    return lambda: marker.exists() and marker.read_text().endswith("\n")
 
 
 def phase(out: Path) -> str:
@@ -120,28 +213,52 @@ def phase(out: Path) -> str:
     return text
 
 
+def steps_left(steps: list[str], finished: int) -> dict[str, dict[str, list[str]]]:
+    """The steps a run resumed after layer ``finished`` goes through: stage -> phase -> steps, in order."""
+    left: dict[str, dict[str, list[str]]] = {}
+    for label in steps:
+        stage, step_phase, _ = label.split("|")
+        if stage == "assembly" or (stage.startswith("layer ") and int(stage.split()[1]) > finished):
+            left.setdefault(stage, {}).setdefault(step_phase, []).append(label)
+    return left
+
+
+def draw_stages(rng: random.Random, left: dict[str, dict[str, list[str]]], count: int) -> list[str]:
+    """The stages of ``count`` kills: seeded random stages of those left, in the run's order (a kill in a stage
+    leaves it and the later ones to do); the first a layer (for its float pass)."""
+    stages = list(left)
+    picks = sorted(rng.choices(range(len(stages)), k=count))
+    picks[0] = min(picks[0], len([s for s in stages if s != "assembly"]) - 1)
+    return [stages[k] for k in picks]
+
+
+def draw_step(rng: random.Random, phases: dict[str, list[str]], phase: str | None = None) -> str:
+    """A seeded random step of a stage: a phase (phases hold very different numbers of steps: drawn first, each
+    gets its share), then a step of it."""
+    return rng.choice(phases[phase or rng.choice(list(phases))])
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """One run per recipe, no kill; for RECIPE also the times (from start) at which its phases ended."""
+    """One run per recipe, no kill; for RECIPE also the probe's steps, in order."""
     runs = {}
     for recipe in (RECIPE, CALIBRATED):
-        out = tmp_path_factory.mktemp("whole") / recipe
-        started = time.time()
-        proc = start(recipe, out)
-        marks, seen = {}, -2
-        while proc.poll() is None:
-            if "work" not in marks and (out / WORK_DIR / "state.json").exists():
-                marks["work"] = time.time() - started  # calibration loaded, layer 0 begins
-            done = finished_layer(out)
-            if done is not None and done > seen:
-                seen = done
-                marks[f"layer {done}"] = time.time() - started
-            time.sleep(POLL)
-        assert proc.returncode == 0, proc.stderr.read()
-        marks["end"] = time.time() - started
+        folder = tmp_path_factory.mktemp("whole")
+        out, record = folder / recipe, (folder / "steps.txt" if recipe == RECIPE else None)
+        proc = start(recipe, out, record=record)
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, stderr
         files = digests(out)
         assert sum(n.startswith("model-") for n in files) >= 4 and "manifest.json" in files
-        runs[recipe] = (files, marks)
+        steps = record.read_text().splitlines() if record else []
+        if record:
+            # the last step writes the manifest: at every step the run has none yet
+            assert steps[-1] == "assembly|metadata|write_json_atomic(manifest.json)#1", steps[-5:]
+            for i in range(4):
+                assert {"float pass", "quantize", "quantized pass", "work files"} <= set(steps_left(steps, i - 1)
+                                                                                         [f"layer {i}"]), i
+                assert f"layer {i}|float pass|attend#1" in steps
+        runs[recipe] = (files, steps)
     return runs
 
 
@@ -155,56 +272,36 @@ def kill(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_and_mid_writes_then_resume_is_byte_identical(uninterrupted, tmp_path):
-    want, marks = uninterrupted[RECIPE]
-    startup = marks["work"]
-    layer_ends = [marks[f"layer {i}"] for i in range(4)]
-    layer_time = [b - a for a, b in zip([startup] + layer_ends, layer_ends)]
-    assembly = marks["end"] - layer_ends[-1]
+    want, steps = uninterrupted[RECIPE]
     rng = random.Random(SEED)
     out = tmp_path / "killed"
-    # the kills, in order: inside the write of layer 1's or 2's work file, at TIMED_KILLS seeded random moments of
-    # what is left of the run, inside the write of a random shard of the final checkpoint
-    plan = ["layer-write"] + ["time"] * TIMED_KILLS + ["shard-write"]
-    log, landed, procs, retries = [], 0, [], 3
+    # the kills, in order: inside the write of layer 1's or 2's work file, at PROGRESS_KILLS seeded random steps of
+    # what is left of the run (the first in a layer's float pass), inside the write of a random shard of the final
+    # checkpoint. Each run is held by its hook at the chosen point until the kill: every kill lands there.
+    plan = ["layer-write", "float-pass"] + ["step"] * (PROGRESS_KILLS - 1) + ["shard-write"]
+    log, procs, stages = [], [], []
     try:
-        while plan:
-            kind = plan.pop(0)
+        for n, kind in enumerate(plan):
             done = finished_layer(out)
             first = -1 if done is None else done
             resume = ["--resume"] if out.exists() else []
-            if kind == "time":
-                proc = start(RECIPE, out, *resume, progress=True)
+            marker = tmp_path / f"stalled-{n}"
+            if kind in ("float-pass", "step"):
+                left = steps_left(steps, first)
+                if not stages:  # after the layer-write kill: where the progress kills go, in order
+                    stages = draw_stages(rng, left, PROGRESS_KILLS)
+                stage = stages.pop(0)
+                assert stage in left, (stage, log)  # the kills before stopped before it
+                target = draw_step(rng, left[stage], "float pass" if kind == "float-pass" else None)
+                proc = start(RECIPE, out, *resume, pause=target, marker=marker)
                 procs.append(proc)
-                looping = layer_phase_started(proc)
-                # a random moment of the layers left (once none is left: of the assembly's first part), timed from
-                # the start of this run's layer loop with the uninterrupted run's phase durations
-                left = sum(layer_time[first + 1:])
-                at = rng.uniform(0.0, 0.8) * left if left else rng.uniform(0.0, 0.3) * assembly
-                wait_for(proc, looping.is_set, "the layer loop", may_finish=True)
-                t0 = time.time()
-                while time.time() - t0 < at and proc.poll() is None:
-                    time.sleep(POLL)
+                wait_for(proc, waiting(marker), f"step {target}")
                 kill(proc)
-                if (out / "manifest.json").exists():  # the moment came after the end (a faster machine): retry
-                    assert proc.returncode in (0, -signal.SIGKILL)
-                    if (out / WORK_DIR).exists():  # killed while removing the work folder: a resume cleans up
-                        resumed = start(RECIPE, out, "--resume")
-                        procs.append(resumed)
-                        assert resumed.wait(TIMEOUT) == 0, resumed.stderr.read()
-                        log.append("the kill landed in the final cleanup; --resume finished it")
-                    assert digests(out) == want
-                    log.append(f"random moment {at:.2f}s: the run had finished (identical files); starting over")
-                    shutil.rmtree(out)
-                    assert retries > 0, log
-                    retries -= 1
-                    plan.insert(0, kind)
-                    continue
                 assert proc.returncode == -signal.SIGKILL, log
-                landed += 1
-                log.append(f"random moment {at:.2f}s into the layer loop (from layer {first + 1} of 0..3): "
-                           f"{phase(out)}")
+                assert marker.read_text().split(maxsplit=1)[1] == target + "\n"
+                log.append(f"at step {target} (step {steps.index(target) + 1} of {len(steps)}; resumed after "
+                           f"layer {first}): {phase(out)}")
             else:
-                marker = tmp_path / f"stalled-{len(log)}"
                 if kind == "layer-write":
                     layer = rng.randint(1, 2)
                     pattern = f".layer-{layer:05d}.safetensors.tmp.safetensors"
@@ -213,7 +310,7 @@ def test_sigkill_at_random_moments_and_mid_writes_then_resume_is_byte_identical(
                     pattern = f".goldstick-*-{shard:05d}.safetensors.partial"
                 proc = start(RECIPE, out, *resume, stall=pattern, marker=marker)
                 procs.append(proc)
-                wait_for(proc, marker.exists, f"a stall in {pattern}")
+                wait_for(proc, waiting(marker), f"a stall in {pattern}")
                 stalled = Path(marker.read_text().split()[1])
                 kill(proc)
                 assert stalled.exists() and stalled.stat().st_size > 8  # a header and half the data: cut mid-write
@@ -226,7 +323,6 @@ def test_sigkill_at_random_moments_and_mid_writes_then_resume_is_byte_identical(
                            f"{phase(out)}")
             # killed: never looks finished
             assert not (out / "manifest.json").exists(), log
-        assert landed == TIMED_KILLS, log
         proc = start(RECIPE, out, "--resume")
         procs.append(proc)
         assert proc.wait(TIMEOUT) == 0, proc.stderr.read()
@@ -237,8 +333,7 @@ def test_sigkill_at_random_moments_and_mid_writes_then_resume_is_byte_identical(
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    print("\nkill points (uninterrupted run: startup %.2fs, layers end at %s s, done at %.2fs):"
-          % (startup, [round(t, 2) for t in layer_ends], marks["end"]))
+    print(f"\nkill points (seed {SEED}):")
     print("\n".join(f"  {k + 1}. {line}" for k, line in enumerate(log)))
 
 
@@ -250,7 +345,7 @@ def test_ctrl_c_gives_one_message_and_a_resumable_state(uninterrupted, tmp_path)
     # cannot finish the run before the signal lands
     marker = tmp_path / "stalled-layer"
     proc = start(CALIBRATED, out, stall=".layer-00002.safetensors.tmp.safetensors", marker=marker)
-    wait_for(proc, marker.exists, "the write of layer 2's work file")
+    wait_for(proc, waiting(marker), "the write of layer 2's work file")
     assert finished_layer(out) == 1
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=TIMEOUT)
@@ -264,7 +359,7 @@ def test_ctrl_c_gives_one_message_and_a_resumable_state(uninterrupted, tmp_path)
     # Ctrl-C during the assembly, inside the write of shard 3: the writer removes its temporaries
     marker = tmp_path / "stalled"
     proc = start(CALIBRATED, out, "--resume", stall=".goldstick-*-00003.safetensors.partial", marker=marker)
-    wait_for(proc, marker.exists, "the write of shard 3")
+    wait_for(proc, waiting(marker), "the write of shard 3")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 130, stderr

@@ -17,3 +17,5 @@ def test_quickstart_notebook_executes(tmp_path):
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
     assert "w8a8-static+osplus" in outputs and "KL" in outputs
+    removed = [line.split("removed ", 1)[1] for line in outputs.splitlines() if line.startswith("removed ")]
+    assert len(removed) == 1 and not Path(removed[0]).exists()  # the last cell cleans up its temporary folder
