@@ -1,7 +1,7 @@
 """Calibration forward speed: goldstick's MindSpore network against transformers' DeepseekV3, same checkpoint.
 
 For each size, one random-weight DeepSeek-V3 checkpoint is written by transformers (``save_pretrained``) and read
-by both tools. The timed work is what layer-wise calibration does (goldstick.engine's float pass): the calibration
+by both tools. The timed work is what layer-wise calibration does (goldstick.engine.pipeline's float pass): the calibration
 batches' hidden states go through the decoder layers one layer at a time, every batch through layer i before
 layer i+1, with forward pre-hooks keeping a running per-channel min/max of every linear's input.
 
@@ -46,7 +46,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")  # numpy/OpenBLAS read it when fir
 
 import numpy as np  # noqa: E402
 
-# tiny: the embedded default model's shapes (goldstick.make_model "tiny"); wide: the issue's wide benchmark size
+# tiny: the embedded default model's shapes (goldstick.testing.make_model "tiny"); wide: the issue's wide benchmark size
 SIZES = {
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64,
                  qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, intermediate_size=512,
@@ -163,9 +163,9 @@ class TorchCalibration:
 # ---- goldstick side ---------------------------------------------------------------------------------------------
 class GoldstickCalibration:
     def __init__(self, directory: Path):
-        from goldstick import engine
-        from goldstick.checkpoint import CheckpointReader
-        from goldstick.recipe import load_recipe
+        from goldstick.engine import pipeline as engine
+        from goldstick.io.checkpoint import CheckpointReader
+        from goldstick.quant.recipe import load_recipe
 
         self.engine = engine
         self.reader = CheckpointReader(directory)
@@ -224,7 +224,7 @@ def timed_passes(name: str, directory: Path, passes: int, threads: int, out: Pat
     and saves the last pass's final hidden states."""
     ids = list(np.load(directory / "ids.npy"))
     if name == "goldstick":
-        from goldstick.runtime import setup_mindspore
+        from goldstick.model.runtime import setup_mindspore
 
         setup_mindspore()
         import mindspore as ms

@@ -20,8 +20,8 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
-import goldstick.engine as q
-from goldstick.runtime import setup_mindspore
+import goldstick.engine.pipeline as q
+from goldstick.model.runtime import setup_mindspore
 setup_mindspore()
 def vm(key):
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -40,7 +40,7 @@ def doubled_model(src: Path, dst: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_quantize import copy_checkpoint  # the same copier the tests use
 
-    from goldstick.config import ModelConfig
+    from goldstick.model.config import ModelConfig
 
     n = ModelConfig.from_file(src).num_hidden_layers
     dense = ModelConfig.from_file(src).first_k_dense_replace
@@ -64,8 +64,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--shard-mb", type=float, default=4.0, help="output shard cap (the writer holds one shard)")
     args = parser.parse_args(argv)
-    from goldstick.config import ModelConfig
-    from goldstick.make_model import default_model_path
+    from goldstick.model.config import ModelConfig
+    from goldstick.testing.make_model import default_model_path
 
     base = default_model_path()
     with tempfile.TemporaryDirectory() as tmp:

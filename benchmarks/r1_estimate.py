@@ -12,7 +12,7 @@ moe_intermediate 2048, a few routed experts instead of 256, FP8 blocks as in the
   * weight quantization, the quantized pass, tensor export and the work-file write;
   * memory: resident bytes after each phase and the phase's peak, divided by the layer's parameters.
 
-Extrapolated to R1 (config defaults of goldstick.config.ModelConfig, which are R1's): 61 layers (3 dense with
+Extrapolated to R1 (config defaults of goldstick.model.config.ModelConfig, which are R1's): 61 layers (3 dense with
 intermediate 18432, 58 MoE with 256 routed experts + 1 shared, top-8), calibration 128 x 2048 tokens (the recipe's),
 batches of 2 x 2048 tokens. Every assumption is printed with the estimate; docs/r1-estimate.md explains the method.
 
@@ -88,7 +88,7 @@ def attention_flops_per_token(cfg, seq_len: int) -> tuple[float, float]:
 
 # ---- measurement ---------------------------------------------------------------------------------------------------
 def build_probe(directory: Path) -> Path:
-    from goldstick.make_model import make_model
+    from goldstick.testing.make_model import make_model
 
     return make_model(directory, size="wide", fp8=True, overrides=PROBE)
 
@@ -96,12 +96,13 @@ def build_probe(directory: Path) -> Path:
 def measure(probe: Path, tokens: int, seq_len: int, token_sample: int, grid: int) -> dict:
     from types import SimpleNamespace
 
-    from goldstick import engine
-    from goldstick.checkpoint import CheckpointReader
-    from goldstick.model import MLP
-    from goldstick.recipe import load_recipe
-    from goldstick.runtime import setup_mindspore
-    from goldstick.writer import write_safetensors
+    from goldstick.engine import pipeline as engine
+    from goldstick.quant.numerics import bf16_round
+    from goldstick.io.checkpoint import CheckpointReader
+    from goldstick.model.network import MLP
+    from goldstick.quant.recipe import load_recipe
+    from goldstick.model.runtime import setup_mindspore
+    from goldstick.io.writer import write_safetensors
 
     setup_mindspore()
     import mindspore as ms
@@ -117,7 +118,7 @@ def measure(probe: Path, tokens: int, seq_len: int, token_sample: int, grid: int
     batch = max(1, tokens // seq_len)
     ids = [rng.integers(3, cfg.vocab_size, (batch, seq_len), dtype=np.int32)]
     batches = engine._prepare_batches(cfg, SimpleNamespace(batches=ids))
-    hidden = [engine.bf16_round(reader.read("model.embed_tokens.weight"))[b[0]] for b in batches]
+    hidden = [bf16_round(reader.read("model.embed_tokens.weight"))[b[0]] for b in batches]
     source_bytes = sum(reader._tensors[n].end - reader._tensors[n].start for n in reader.names()
                        if n.startswith("model.layers.0."))
     out: dict = {"tokens": batch * seq_len, "seq_len": seq_len, "source_bytes": source_bytes}
@@ -206,8 +207,8 @@ def measure(probe: Path, tokens: int, seq_len: int, token_sample: int, grid: int
 
 # ---- extrapolation --------------------------------------------------------------------------------------------------
 def estimate(m: dict, disk_gbps: float) -> dict:
-    from goldstick.config import ModelConfig
-    from goldstick.recipe import load_recipe
+    from goldstick.model.config import ModelConfig
+    from goldstick.quant.recipe import load_recipe
 
     r1 = ModelConfig()  # the defaults are R1's
     recipe = load_recipe("deepseek-r1-w8a8-mixed")
@@ -362,7 +363,7 @@ def report(m: dict, e: dict, disk_gbps: float) -> None:
     print(f"  {'total (no overlap)':34} {hours(total_npu)}")
     print(f"  {'disk: 640 GB at ' + f'{disk_gbps:g} GB/s':34} {hours(e['disk'])}   (overlappable with compute)")
     print("\npeak host memory, one R1 MoE layer resident, as the probe measures it (LayerQuantizer not lean, as "
-          "goldstick.analyze runs it: read_layer reads the whole layer):")
+          "goldstick.evaluation.analyze runs it: read_layer reads the whole layer):")
     print(f"  measured {e['bytes_per_param']:.1f} B/param at the probe's worst phase ({e['worst_phase']}) x "
           f"{e['moe_params'] / 1e9:.2f} G params = {e['bytes_per_param'] * e['moe_params'] / gb:.0f} GB")
     float_pass = m["observe"]["peak"] / m["params"]
@@ -389,7 +390,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path, help="also write the measurements and the estimate here")
     parser.add_argument("--from-json", type=Path, help="re-derive the estimate from measurements saved by --json")
     args = parser.parse_args(argv)
-    from goldstick.recipe import load_recipe
+    from goldstick.quant.recipe import load_recipe
 
     if args.from_json:
         m = json.loads(args.from_json.read_text())["measured"]

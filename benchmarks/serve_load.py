@@ -257,7 +257,7 @@ MATMUL_PROBE = r'''
 import gc, sys
 from pathlib import Path
 import numpy as np
-from goldstick.runtime import setup_mindspore
+from goldstick.model.runtime import setup_mindspore
 setup_mindspore()
 import mindspore as ms
 from mindspore import Tensor, nn, ops
@@ -289,7 +289,7 @@ def matmul_probe() -> None:
 
 
 def quantized_default(out: Path) -> Path:
-    from goldstick.make_model import default_model_path
+    from goldstick.testing.make_model import default_model_path
 
     subprocess.run([sys.executable, "-m", "goldstick.cli", "quantize", "deepseek-r1-w8a8-dynamic", "--model",
                     str(default_model_path()), "--out", str(out), "--no-progress"], check=True,

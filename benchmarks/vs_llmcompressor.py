@@ -179,7 +179,7 @@ def errors(ref, got) -> dict:
 def run_size(size: str, work: Path, llmc_python: str, repeats: int, seed: int) -> dict:
     import numpy as np
 
-    from goldstick.make_model import size_config
+    from goldstick.testing.make_model import size_config
 
     _, (samples, seq_len), (h_samples, h_len) = SIZES[size]
     work.mkdir(parents=True, exist_ok=True)
@@ -190,7 +190,7 @@ def run_size(size: str, work: Path, llmc_python: str, repeats: int, seed: int) -
     if not model.exists():
         subprocess.run([llmc_python, here, "_make-model", str(model), size, str(seed)], check=True,
                        capture_output=True)
-        from goldstick.tokenizer import train_tokenizer
+        from goldstick.model.tokenizer import train_tokenizer
 
         train_tokenizer(4096, model, model_max_length=1024)  # goldstick reads tokenizer.json for BOS/EOS
     rng = np.random.default_rng(seed)

@@ -25,7 +25,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from .errors import EXIT_INPUT_ERROR, GoldstickError, UsageError
+from goldstick.errors import EXIT_INPUT_ERROR, GoldstickError, UsageError
 
 
 def _model_or_default(model: str | None) -> Path:
@@ -33,7 +33,7 @@ def _model_or_default(model: str | None) -> Path:
         if not Path(model).exists():
             raise UsageError(f"model folder {model}: does not exist")
         return Path(model)
-    from .make_model import default_model_path
+    from goldstick.testing.make_model import default_model_path
 
     path = default_model_path()
     print(f"model: the embedded default ({path})")
@@ -86,19 +86,19 @@ def add_quantize_parser(sub) -> None:
 
 
 def run_quantize(args) -> int:
-    from .recipe import load_recipe
+    from goldstick.quant.recipe import load_recipe
 
     model = _model_or_default(args.model)
     recipe = load_recipe(args.recipe)
     if args.dry_run:
-        from .config import ModelConfig
+        from goldstick.model.config import ModelConfig
 
         plan = recipe.plan(ModelConfig.from_file(model))
         print(plan.format())
         return 0
     if not args.out:
         raise UsageError("quantize: --out is required (or use --dry-run)")
-    from .engine import quantize
+    from goldstick.engine.pipeline import quantize
 
     started = time.time()
     result = quantize(model, recipe, out=args.out, calibration=args.calib, calib_samples=args.calib_samples,
@@ -128,7 +128,7 @@ def add_export_parser(sub) -> None:
 
 
 def run_export(args) -> int:
-    from .export import export_checkpoint
+    from goldstick.io.export import export_checkpoint
 
     started = time.time()
     out = export_checkpoint(args.src, args.out, args.export_format,
@@ -149,7 +149,7 @@ def add_compare_parser(sub) -> None:
 
 
 def run_compare(args) -> int:
-    from .evaluate import HELDOUT, compare_models
+    from goldstick.evaluation.compare import HELDOUT, compare_models
 
     result = compare_models(args.float_dir, args.quant_dir, data=args.data or HELDOUT, samples=args.samples,
                             seq_len=args.seq_len)
@@ -178,7 +178,7 @@ def add_generate_parser(sub) -> None:
 
 
 def run_generate(args) -> int:
-    from .generate import Generator, SamplingParams
+    from goldstick.serve.generate import Generator, SamplingParams
 
     model = _model_or_default(args.model)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -199,7 +199,7 @@ def run_generate(args) -> int:
 
 def _verify_first(model: Path) -> None:
     """--verify: the full check of goldstick verify before the model is loaded (VerifyError lists every problem)."""
-    from .verification import verify
+    from goldstick.io.verification import verify
 
     print(verify(model).raise_if_failed().summary(), file=sys.stderr)
 
@@ -227,7 +227,7 @@ def run_serve(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise UsageError(f"goldstick serve needs FastAPI and uvicorn ({exc}): pip install fastapi uvicorn") from None
-    from .serve import serve
+    from goldstick.serve.http import serve
 
     model = _model_or_default(args.model)
     if args.verify:
@@ -250,9 +250,9 @@ def add_run_parser(sub) -> None:
 
 
 def run_main_job(args) -> int:
-    from .evaluate import compare_models
-    from .engine import quantize
-    from .recipe import DEFAULT_RECIPE
+    from goldstick.evaluation.compare import compare_models
+    from goldstick.engine.pipeline import quantize
+    from goldstick.quant.recipe import DEFAULT_RECIPE
 
     model = _model_or_default(None)
     out = Path(args.out)
@@ -277,7 +277,7 @@ def run_main_job(args) -> int:
 
 
 def run_recipes(args) -> int:
-    from .recipe import DEFAULT_RECIPE, load_recipe, shipped_recipes
+    from goldstick.quant.recipe import DEFAULT_RECIPE, load_recipe, shipped_recipes
 
     for name in shipped_recipes():
         mark = " (default)" if name == DEFAULT_RECIPE else ""
@@ -286,13 +286,13 @@ def run_recipes(args) -> int:
 
 
 def add_analyze_parser(sub) -> None:
-    from .analyze import add_analyze_parser as add
+    from goldstick.evaluation.analyze import add_analyze_parser as add
 
     add(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .make_model import add_make_model_parser
+    from goldstick.testing.make_model import add_make_model_parser
 
     parser = argparse.ArgumentParser(prog="goldstick", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"goldstick {version('goldstick')}")
@@ -304,11 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     add_generate_parser(sub)
     add_serve_parser(sub)
     add_make_model_parser(sub)
-    from .ceval import add_ceval_parser
+    from goldstick.evaluation.ceval import add_ceval_parser
 
     add_ceval_parser(sub)
     add_analyze_parser(sub)
-    from .verification import add_verify_parser
+    from goldstick.io.verification import add_verify_parser
 
     add_verify_parser(sub)
     sub.add_parser("recipes", help="list the shipped recipes").set_defaults(func=run_recipes)

@@ -1,7 +1,7 @@
 """Small random DeepSeek-V3 checkpoints on disk for the checkpoint-reader tests.
 
 Shapes are taken from ModelConfig (plus the MTP extras written out here by hand, independently of
-goldstick.checkpoint). Formats: "f32", "bf16", "f16" store every tensor in that dtype; "fp8" stores the layout of
+goldstick.io.checkpoint). Formats: "f32", "bf16", "f16" store every tensor in that dtype; "fp8" stores the layout of
 the released R1 checkpoint: decoder-layer linears in float8_e4m3fn with a float32 ``_scale_inv`` per 128x128
 block, the router bias in F32 and everything else in BF16.
 """
@@ -15,8 +15,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from goldstick.config import ModelConfig
-from goldstick.fp8 import quantize_fp8_blocks
+from goldstick.model.config import ModelConfig
+from goldstick.quant.fp8 import quantize_fp8_blocks
 
 FP8_LINEARS = {"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                "gate_proj", "up_proj", "down_proj"}

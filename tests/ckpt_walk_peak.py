@@ -31,7 +31,7 @@ def reset_peak_rss() -> None:
 
 
 def main(path: str) -> None:
-    from goldstick.checkpoint import CheckpointReader
+    from goldstick.io.checkpoint import CheckpointReader
 
     reader = CheckpointReader(path)
     reset_peak_rss()

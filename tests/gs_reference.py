@@ -49,7 +49,7 @@ from mindspore_gs.ptq import PTQ, PTQConfig, PTQMode
 from mindspore_gs.ptq.models.base_model import BaseQuantForCausalLM
 from mindspore_gs.ptq.plugins.mindone_plugin import MindOneModelHubPlugin
 
-from goldstick.runtime import setup_mindspore
+from goldstick.model.runtime import setup_mindspore
 
 GS_VERSION = mindspore_gs.__version__
 

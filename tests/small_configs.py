@@ -1,6 +1,6 @@
 """A small DeepSeek-V3 config shared by the recipe and Golden-Stick translation tests."""
 
-from goldstick.config import ModelConfig
+from goldstick.model.config import ModelConfig
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -1,11 +1,11 @@
-"""Unit tests for goldstick.algorithms: fast, seeded, numpy only."""
+"""Unit tests for goldstick.quant.algorithms: fast, seeded, numpy only."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from goldstick import algorithms as A
+from goldstick.quant import algorithms as A
 
 
 def rng(seed=0):

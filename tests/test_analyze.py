@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from goldstick.analyze import (AnalyzeError, candidate_units, layer_units, parse_budget, recipe_with_moves,
+from goldstick.evaluation.analyze import (AnalyzeError, candidate_units, layer_units, parse_budget, recipe_with_moves,
                                safer_scheme, slot_of)
 from goldstick.cli import main as cli
-from goldstick.config import ModelConfig
-from goldstick.make_model import default_model_path
-from goldstick.recipe import Scheme, fused_groups, load_recipe, smoothing_groups
+from goldstick.model.config import ModelConfig
+from goldstick.testing.make_model import default_model_path
+from goldstick.quant.recipe import Scheme, fused_groups, load_recipe, smoothing_groups
 
 NAIVE = "deepseek-r1-w8a8-static-naive"
 FAST = dict(calib_samples=8, calib_seq_len=64, progress=False)
@@ -137,7 +137,7 @@ def test_report_contents(run, cfg):
 
 
 def test_smoothing_is_reported_before_and_after(tiny, tmp_path):
-    from goldstick.analyze import analyze
+    from goldstick.evaluation.analyze import analyze
 
     result = analyze(tiny, "deepseek-r1-w8a8-smoothquant", out=tmp_path, plots=1, calib_samples=4,
                      calib_seq_len=32, progress=False)
@@ -180,8 +180,8 @@ def test_proposal_is_a_valid_recipe_that_respects_fused_groups(run, cfg):
 
 
 def test_proposal_beats_all_static_on_heldout_kl(run, quantized, tiny):
-    from goldstick.evaluate import compare_models, heldout_batches, model_logits
-    from goldstick.loader import load_model
+    from goldstick.evaluation.compare import compare_models, heldout_batches, model_logits
+    from goldstick.io.loader import load_model
 
     held = dict(samples=8, seq_len=128)
     float_logits = model_logits(load_model(tiny), heldout_batches(tiny, **held))
@@ -193,7 +193,7 @@ def test_proposal_beats_all_static_on_heldout_kl(run, quantized, tiny):
 
 @pytest.fixture(scope="module")
 def quantized(run, tiny, tmp_path_factory):
-    from goldstick.engine import quantize
+    from goldstick.engine.pipeline import quantize
 
     out, _, _ = run
     root = tmp_path_factory.mktemp("quantized")
@@ -204,7 +204,7 @@ def quantized(run, tiny, tmp_path_factory):
 
 @pytest.mark.slow
 def test_proposal_beats_all_static_on_ceval_agreement(quantized, tiny, tmp_path):
-    from goldstick.ceval import run_ceval
+    from goldstick.evaluation.ceval import run_ceval
 
     report = run_ceval(tiny, [("static", str(quantized["static"])), ("proposed", str(quantized["proposed"]))],
                        data=FIXTURE, split="val", shots=0, progress=False, plots=False, bootstrap_samples=200,

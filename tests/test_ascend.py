@@ -30,11 +30,11 @@ from mindspore.ops.auto_generate import (DynamicQuantExt, GroupedMatmulV4, Quant
 from mindspore.ops.auto_generate.gen_ops_prim import dtype_to_type_id
 
 import goldstick
-from goldstick import ascend
-from goldstick.checkpoint import CheckpointReader
-from goldstick.model import Linear, MoE
-from goldstick.qlinear import DESCRIPTION_TO_SCHEME, cell_from_tensors
-from goldstick.runtime import setup_mindspore
+from goldstick.quant import ascend
+from goldstick.io.checkpoint import CheckpointReader
+from goldstick.model.network import Linear, MoE
+from goldstick.quant.cells import DESCRIPTION_TO_SCHEME, cell_from_tensors
+from goldstick.model.runtime import setup_mindspore
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 RECIPES = ("deepseek-r1-w8a8-mixed", "deepseek-r1-w8a8-dynamic", "deepseek-r1-w8a16", "deepseek-r1-w8a8-smoothquant")
@@ -62,8 +62,8 @@ UNREGISTERED = re.compile(r"The kernel (\w+) unregistered")
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """recipe -> quantized checkpoint folder of the default tiny model, made on first use."""
-    from goldstick.make_model import default_model_path
-    from goldstick.engine import quantize
+    from goldstick.testing.make_model import default_model_path
+    from goldstick.engine.pipeline import quantize
 
     made = {}
 
@@ -129,7 +129,7 @@ def run_expecting_unregistered(fn) -> str:
 
 # ------------------------------------------------------------------------------------------------ emulation
 # numpy versions of the Ascend ops, following their MindSpore 2.10 docstrings (and, where the docstring is silent,
-# the kernel convention Golden-Stick / MindFormers rely on; see goldstick/ascend.py). Each asserts the argument
+# the kernel convention Golden-Stick / MindFormers rely on; see goldstick/quant/ascend.py). Each asserts the argument
 # contract it documents, so a wrong dtype or layout in a cell fails here too.
 def _np(t):
     return None if t is None else t.asnumpy()
@@ -299,7 +299,7 @@ def bf16_exact(rng, shape, scale=1.0) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ tests
 def test_op_signatures_are_the_ones_the_cells_call():
-    """The installed MindSpore's primitives have the signatures goldstick/ascend.py cites and calls."""
+    """The installed MindSpore's primitives have the signatures goldstick/quant/ascend.py cites and calls."""
     sig = {cls.__name__: (str(inspect.signature(cls.__init__)), str(inspect.signature(cls.__call__)))
            for cls in (QuantV2, QuantBatchMatmul, DynamicQuantExt, WeightQuantBatchMatmul, GroupedMatmulV4)}
     assert sig["QuantV2"] == ("(self)", "(self, x, scale, offset, sqrt_mode=False, rounding_mode='ROUND', "
@@ -434,7 +434,7 @@ def twin_at_ascend_dtypes(twin) -> None:
     """Make the CPU twin network round where the Ascend cells do: each quantized linear's input and output to bf16
     (the Ascend compute dtype), the OS+ shift added in bf16 (beta moved out of the twin into a pre-hook), and the
     grouped experts' static deq_scale to bf16 (GroupedMatmulV4's scale dtype)."""
-    from goldstick.qlinear import QuantLinearBase, StaticW8A8Linear
+    from goldstick.quant.cells import QuantLinearBase, StaticW8A8Linear
 
     def bf16(a: np.ndarray) -> np.ndarray:
         return a.astype(np.float32).astype(BF16).astype(np.float32)

@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 
 import goldstick
-from goldstick.ceval import CEvalError, load_ceval, run_ceval
-from goldstick.checkpoint import CheckpointError, CheckpointReader
+from goldstick.evaluation.ceval import CEvalError, load_ceval, run_ceval
+from goldstick.io.checkpoint import CheckpointError, CheckpointReader
 from goldstick.cli import main as cli
-from goldstick.config import ConfigError
+from goldstick.model.config import ConfigError
 from goldstick.errors import GoldstickError, TokenizerError
-from goldstick.generate import Generator
-from goldstick.make_model import default_model_path
-from goldstick.recipe import RecipeError, load_recipe
+from goldstick.serve.generate import Generator
+from goldstick.testing.make_model import default_model_path
+from goldstick.quant.recipe import RecipeError, load_recipe
 
 from ckpt_factory import shard_name, small_config, write_checkpoint
 from test_checkpoint import BREAKERS, INDEX, rewrite_shard, shard_of
@@ -139,8 +139,8 @@ def checkpoint_case(breaker) -> Callable[[Path], Case]:
 
 # ---- weights with NaN / Inf (a copy of the default model: these need its tokenizer and calibration) -------------
 def nonfinite_case(name: str, value: float, index: tuple[int, int], stream: bool = False) -> Callable[[Path], Case]:
-    """A data-free recipe without calibration options takes the streaming path (goldstick.stream), with calibration
-    options the layer path (goldstick.engine): both must refuse, with the same error."""
+    """A data-free recipe without calibration options takes the streaming path (goldstick.engine.stream), with calibration
+    options the layer path (goldstick.engine.pipeline): both must refuse, with the same error."""
     def make(tmp: Path) -> Case:
         model = tiny_copy(tmp)
         file = shard_of(model, name)

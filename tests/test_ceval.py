@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from goldstick import ceval as ce
-from goldstick import ceval_analysis as ca
-from goldstick.ceval_jobs import JobError, load_job
+from goldstick.evaluation import ceval as ce
+from goldstick.evaluation import ceval_report as ca
+from goldstick.evaluation.ceval_jobs import JobError, load_job
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "ceval"
@@ -124,8 +124,8 @@ def test_prompt_matches_the_official_template_byte_for_byte():
 # ---- scoring -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer():
-    from goldstick.make_model import default_model_path
-    from goldstick.tokenizer import load_tokenizer
+    from goldstick.testing.make_model import default_model_path
+    from goldstick.model.tokenizer import load_tokenizer
 
     return load_tokenizer(default_model_path())
 
@@ -198,8 +198,8 @@ def test_merged_letter_falls_back_to_continuation_likelihood(tokenizer):
 def test_shared_prefix_scores_equal_whole_prompt_scores(tokenizer):
     """Prefilling a subject's header and shots once, then each question on a copy of that cache, gives the scores of
     running every prompt whole (to float rounding) and the same answers."""
-    from goldstick.make_model import default_model_path
-    from goldstick.loader import load_model
+    from goldstick.testing.make_model import default_model_path
+    from goldstick.io.loader import load_model
 
     tok = tokenizer.tokenizer
     data = ce.load_ceval(FIXTURE, "val", subjects="computer_network,basic_medicine", shots=5)
@@ -495,7 +495,7 @@ def test_overlap_guard(tmp_path, tokenizer):
 # ---- end to end on the embedded tiny model -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def float_dir():
-    from goldstick.make_model import default_model_path
+    from goldstick.testing.make_model import default_model_path
 
     return default_model_path()
 

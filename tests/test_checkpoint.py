@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from goldstick.checkpoint import CheckpointError, CheckpointReader
-from goldstick.fp8 import FP8, quantize_fp8_blocks
+from goldstick.io.checkpoint import CheckpointError, CheckpointReader
+from goldstick.quant.fp8 import FP8, quantize_fp8_blocks
 
 from ckpt_factory import CROSS_SHARD_WEIGHT, is_fp8_linear, shard_name, small_config, write_checkpoint
 
@@ -25,7 +25,7 @@ LAYOUTS = {"single": None, "sharded": 3}
 
 
 def reference_dequant(fp8: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
-    """W = fp8 * scale_inv of its 128x128 block, written independently of goldstick.fp8."""
+    """W = fp8 * scale_inv of its 128x128 block, written independently of goldstick.quant.fp8."""
     rows, cols = fp8.shape
     per_element = np.kron(scale_inv, np.ones((128, 128), np.float32))[:rows, :cols]
     return fp8.astype(np.float32) * per_element

@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from goldstick import cli
-from goldstick.config import ModelConfig
+from goldstick.model.config import ModelConfig
 from goldstick.errors import EXIT_INPUT_ERROR
-from goldstick.export import COMPRESSED_TENSORS, ExportError, check_plan, exportable_recipes
-from goldstick.make_model import default_model_path
-from goldstick.recipe import load_recipe, shipped_recipes
+from goldstick.io.export import COMPRESSED_TENSORS, ExportError, check_plan, exportable_recipes
+from goldstick.testing.make_model import default_model_path
+from goldstick.quant.recipe import load_recipe, shipped_recipes
 
 
 def _subcommands() -> list[str]:

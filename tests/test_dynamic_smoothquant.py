@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 import goldstick
-from goldstick.checkpoint import CheckpointReader
-from goldstick.engine import bf16_round, quantize
-from goldstick.make_model import default_model_path
-from goldstick.recipe import Recipe, RecipeError, Rule, Scheme, load_recipe
+from goldstick.io.checkpoint import CheckpointReader
+from goldstick.engine.pipeline import quantize
+from goldstick.quant.numerics import bf16_round
+from goldstick.testing.make_model import default_model_path
+from goldstick.quant.recipe import Recipe, RecipeError, Rule, Scheme, load_recipe
 from small_configs import small_config
 
 RECIPE = "deepseek-w8a8-dynamic-smoothquant"
@@ -110,8 +111,8 @@ def runs(tmp_path_factory):
 
 
 def _first_batch(model):
-    from goldstick.calibration import load_calibration
-    from goldstick.tokenizer import load_tokenizer
+    from goldstick.engine.calibration import load_calibration
+    from goldstick.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model)
     return load_calibration("calibration/mixed-zh-en.jsonl", tok.tokenizer, samples=FAST["calib_samples"],

@@ -1,4 +1,4 @@
-"""Checkpoint formats (goldstick.export): the mindspore contract, compressed-tensors export, refusals, round trips.
+"""Checkpoint formats (goldstick.io.export): the mindspore contract, compressed-tensors export, refusals, round trips.
 
 Which shipped recipes each format accepts (the decision these tests pin down):
 
@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 
 import goldstick
-from goldstick.checkpoint import CheckpointReader
+from goldstick.io.checkpoint import CheckpointReader
 from goldstick.cli import main as cli
-from goldstick.export import (COMPRESSED_TENSORS, CT_SCHEMES, ExportError, check_plan, ct_targets,
+from goldstick.io.export import (COMPRESSED_TENSORS, CT_SCHEMES, ExportError, check_plan, ct_targets,
                               export_checkpoint, open_source, pack_int8, summarize_names, unpack_int8)
-from goldstick.files import sha256_file
-from goldstick.make_model import default_model_path
-from goldstick.engine import quantize
-from goldstick.recipe import Recipe, Rule, Scheme, load_recipe
+from goldstick.io.files import sha256_file
+from goldstick.testing.make_model import default_model_path
+from goldstick.engine.pipeline import quantize
+from goldstick.quant.recipe import Recipe, Rule, Scheme, load_recipe
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FAST = dict(calib_samples=2, calib_seq_len=16, progress=False)
@@ -294,7 +294,7 @@ def test_plan_check_before_calibrating(recipe, tmp_path):
 
 
 def _assert_refusal(message: str, keys) -> None:
-    from goldstick.export import REFUSALS
+    from goldstick.io.export import REFUSALS
 
     assert "cannot be written as compressed-tensors" in message
     for key, text in REFUSALS.items():
@@ -481,7 +481,7 @@ def test_compressed_tensors_library_reads_it(exported, recipe):
 def test_fp8_source_leaves_no_fp8_config(tmp_path):
     """From an R1-format FP8 source: R1's FP8 block quantization_config is replaced in both formats, and the MTP
     layer (FP8 in R1) is passed through dequantized to bf16."""
-    from goldstick.make_model import make_model
+    from goldstick.testing.make_model import make_model
 
     fp8 = make_model(tmp_path / "fp8", fp8=True)
     assert json.loads((fp8 / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"

@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from goldstick.ceval import CEvalError, read_csv
-from goldstick.checkpoint import MAX_HEADER_BYTES, CheckpointError, read_safetensors_header
-from goldstick.fp8 import FP8, dequantize_fp8_blocks, scale_grid_shape
-from goldstick.recipe import Recipe, RecipeError, load_recipe
-from goldstick.writer import write_safetensors
+from goldstick.evaluation.ceval import CEvalError, read_csv
+from goldstick.io.checkpoint import MAX_HEADER_BYTES, CheckpointError, read_safetensors_header
+from goldstick.quant.fp8 import FP8, dequantize_fp8_blocks, scale_grid_shape
+from goldstick.quant.recipe import Recipe, RecipeError, load_recipe
+from goldstick.io.writer import write_safetensors
 
 from small_configs import small_config
 

@@ -10,11 +10,11 @@ import pytest
 from mindspore import Tensor
 
 from goldstick.cli import main as cli
-from goldstick.generate import (Generator, SamplingParams, apply_repetition_penalty, choose_token,
+from goldstick.serve.generate import (Generator, SamplingParams, apply_repetition_penalty, choose_token,
                                 greedy_generate, sampling_filter)
-from goldstick.make_model import default_model_path
-from goldstick.qlinear import DynamicW8A8Linear, replace_cell
-from goldstick.engine import quantize
+from goldstick.testing.make_model import default_model_path
+from goldstick.quant.cells import DynamicW8A8Linear, replace_cell
+from goldstick.engine.pipeline import quantize
 
 TOLERANCE = 1e-4
 PROMPTS = ["I love Beijing, because", "我爱北京"]  # different lengths: the batch is left-padded
@@ -98,9 +98,9 @@ SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermedi
                          ids=["no-q-lora", "rope-not-interleaved", "yarn"])
 def test_cache_on_other_attention_variants(variant):
     """The parity variants of tests/test_parity.py, random weights: cached chunks equal the full forward."""
-    from goldstick.config import ModelConfig
-    from goldstick.model import DeepseekV3ForCausalLM
-    from goldstick.runtime import setup_mindspore
+    from goldstick.model.config import ModelConfig
+    from goldstick.model.network import DeepseekV3ForCausalLM
+    from goldstick.model.runtime import setup_mindspore
 
     setup_mindspore()
     net = DeepseekV3ForCausalLM(ModelConfig(**{**SMALL, **variant}))

@@ -11,7 +11,7 @@ weight_quant_dtype=int8)).apply(model, datasets, framework="mindone")`` on a one
 ``WeightQuantLinearCell.quant`` → ``basic_quant_func.quant_tensor``. ``tests/gs_reference.py`` has the driver,
 the ``BaseQuantForCausalLM`` shim and the side-effect handling.
 
-We compare against ``goldstick.algorithms.quantize_weight_per_channel(w, mode="gs")``. For every row where GS's
+We compare against ``goldstick.quant.algorithms.quantize_weight_per_channel(w, mode="gs")``. For every row where GS's
 result is defined, the int8 codes must be equal and the float32 scales must have identical bits. The matrices are
 seeded random float32 matrices of several shapes and distributions. Each also contains these awkward rows:
 
@@ -57,7 +57,7 @@ else:
 
 import gs_reference  # noqa: E402  (imports mindspore_gs)
 
-from goldstick.algorithms import quantize_weight_per_channel  # noqa: E402
+from goldstick.quant.algorithms import quantize_weight_per_channel  # noqa: E402
 
 SHAPES = [(24, 64), (40, 96), (32, 128), (20, 160), (48, 40), (16, 160), (36, 72), (28, 100)]
 SEEDS = list(range(len(SHAPES)))

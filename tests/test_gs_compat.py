@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from goldstick.config import ModelConfig
-from goldstick.gs_compat import from_golden_stick, gs_cell_names, linear_kind, translate_config, GSConfig
-from goldstick.recipe import RecipeError, Scheme, load_recipe
+from goldstick.model.config import ModelConfig
+from goldstick.quant.gs_compat import from_golden_stick, gs_cell_names, linear_kind, translate_config, GSConfig
+from goldstick.quant.recipe import RecipeError, Scheme, load_recipe
 from small_configs import small_config
 
 FFN = r".*\.feed_forward\..*"

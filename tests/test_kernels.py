@@ -1,7 +1,7 @@
-"""goldstick.kernels: the fused numba kernels give the numpy reference's values exactly.
+"""goldstick.quant.kernels: the fused numba kernels give the numpy reference's values exactly.
 
 The reference is what the streaming path computed before the kernels (and still computes without numba):
-``engine.quantize_weight`` (its numpy loop) on ``stream.decode_fp8``'s float32 values, and ``astype(bfloat16)`` of
+``numerics.quantize_weight`` (its numpy loop) on ``stream.decode_fp8``'s float32 values, and ``astype(bfloat16)`` of
 those values for the float tensors.
 """
 
@@ -14,10 +14,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from goldstick import kernels
-from goldstick.engine import quantize_weight
-from goldstick.fp8 import _FP8_TO_F32
-from goldstick.stream import decode_fp8
+from goldstick.quant import kernels
+from goldstick.quant.numerics import quantize_weight
+from goldstick.quant.fp8 import FP8_TO_F32
+from goldstick.engine.stream import decode_fp8
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
 
@@ -102,9 +102,9 @@ def test_every_fp8_code_decodes_as_the_lookup_table():
     codes = np.tile(FINITE_CODES, (3, 1))  # 254 columns: one ragged block
     scale_inv = np.array([[1.0, 1.0]], np.float32)
     assert np.array_equal(kernels.fp8_to_bf16(codes, scale_inv).view(np.uint16),
-                          _FP8_TO_F32[codes].astype(BF16).view(np.uint16))
+                          FP8_TO_F32[codes].astype(BF16).view(np.uint16))
     q, scale = kernels.quantize_fp8(codes, scale_inv, "absmax127")
-    lut = _FP8_TO_F32[FINITE_CODES].astype(np.float64)
+    lut = FP8_TO_F32[FINITE_CODES].astype(np.float64)
     assert np.array_equal(q[0], np.clip(np.rint(lut / np.float64(scale[0])), -127, 127).astype(np.int8))
 
 
@@ -132,10 +132,10 @@ def test_float32_rows_kernel_equals_the_numpy_loop(monkeypatch):
     for shape in [(300, 7168), (80, 256), (3, 5), (1, 9), (0, 4)]:
         w = rng.standard_normal(shape, dtype=np.float32) * rng.uniform(1e-4, 30, (shape[0], 1)).astype(np.float32)
         for mode in ("absmax127", "gs"):
-            q, s = quantize_weight(w, mode, fused=True)
+            q, s = quantize_weight(w, mode, rows=kernels.quantize_rows)
             with monkeypatch.context() as m:
                 m.setattr(kernels, "AVAILABLE", False)
-                assert np.array_equal(quantize_weight(w, mode, fused=True)[0], q)  # the fallback
+                assert np.array_equal(quantize_weight(w, mode, rows=kernels.quantize_rows)[0], q)  # the fallback
             rq, rs = quantize_weight(w, mode)  # the layer path's numpy loop
             assert np.array_equal(q, rq) and np.array_equal(s, rs)
 
@@ -158,14 +158,14 @@ def test_without_numba_the_numpy_code_runs():
 import sys
 sys.modules["numba"] = None  # import numba -> ImportError
 import numpy as np
-from goldstick import kernels
-from goldstick.engine import quantize_weight
+from goldstick.quant import kernels
+from goldstick.quant.numerics import quantize_weight
 assert not kernels.AVAILABLE
 codes = np.ones((128, 128), np.uint8)
 assert kernels.quantize_fp8(codes, np.ones((1, 1), np.float32), "absmax127") is None
 assert kernels.fp8_to_bf16(codes, np.ones((1, 1), np.float32)) is None
 w = np.array([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]], np.float32)
-q, s = quantize_weight(w, "absmax127", fused=True)
+q, s = quantize_weight(w, "absmax127", rows=kernels.quantize_rows)
 assert np.array_equal(q, np.clip(np.rint(w.astype(np.float64) / s[:, None].astype(np.float64)), -127, 127))
 assert s[1] == 1.0 and not q[1].any()
 print("ok")

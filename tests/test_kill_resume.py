@@ -2,7 +2,7 @@
 
 `goldstick quantize` runs as a subprocess on the embedded 4-layer model with a 2 MiB shard cap (9 shards). It is
 SIGKILLed at seeded random points of its own progress, and inside two writes forced by the GOLDSTICK_TEST_STALL hook
-(goldstick/faults.py: the writer stops with a file's header and half its data on disk and waits to be killed): a
+(goldstick/io/faults.py: the writer stops with a file's header and half its data on disk and waits to be killed): a
 shard of the final checkpoint and a layer's work file. The progress points come from a probe (PROBE below: the CLI
 run with a few engine, model and writer functions wrapped) that names every step of the run (`layer 2|float
 pass|attend#3`: the third attention call of layer 2's float pass) and, asked for one step, stops there and waits to
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from goldstick.engine import WORK_DIR, QuantizeError, quantize
-from goldstick.make_model import default_model_path
+from goldstick.engine.pipeline import WORK_DIR, QuantizeError, quantize
+from goldstick.testing.make_model import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "deepseek-r1-w8a8-dynamic"        # cheap: the kill sequence reruns it many times
@@ -51,8 +51,8 @@ PROBE = r'''
 import functools, os, runpy, sys, time
 from pathlib import Path
 
-import goldstick.engine as engine
-import goldstick.writer as writer
+import goldstick.engine.pipeline as engine
+import goldstick.io.writer as writer
 
 LOG = os.environ.get("GOLDSTICK_TEST_PROBE_LOG")
 PAUSE = os.environ.get("GOLDSTICK_TEST_PROBE_PAUSE")
@@ -94,10 +94,10 @@ def file_name(args):
 model_probed = []
 
 
-def probe_model():  # goldstick.model imports MindSpore: wrapped once the engine has set MindSpore up
+def probe_model():  # goldstick.model.network imports MindSpore: wrapped once the engine has set MindSpore up
     if not model_probed:
-        import goldstick.model as model
-        import goldstick.qlinear as qlinear
+        import goldstick.model.network as model
+        import goldstick.quant.cells as qlinear
         probe(model.DecoderLayer, "attend")
         probe(model.DecoderLayer, "feed_forward")
         for cell in (model.Attention, model.MLP, model.Router, model.Linear, model.StreamedLinear,

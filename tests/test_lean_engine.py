@@ -1,6 +1,6 @@
 """The engine's lean layer loop: the same checkpoint as the full float pass, with less memory and time.
 
-What makes it lean (goldstick/engine.py, model.py, qlinear.py, writer.py), each checked here against the plain way:
+What makes it lean (goldstick/engine/pipeline.py, model.py, qlinear.py, writer.py), each checked here against the plain way:
 - attention-only float pass when no MLP linear needs statistics (the MLP runs once, quantized); routed experts read
   their float weight at the call (StreamedLinear) instead of all being held in float32;
 - the quantized cells cast their int8 weight per call instead of caching a float32 copy;
@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from goldstick import engine
-from goldstick.checkpoint import CheckpointReader
-from goldstick.make_model import default_model_path
-from goldstick.recipe import load_recipe
-from goldstick.runtime import setup_mindspore
-from goldstick.writer import PlacedShards, PlannedShardWriter, ShardedWriter
+from goldstick.engine import pipeline as engine
+from goldstick.io.checkpoint import CheckpointReader
+from goldstick.testing.make_model import default_model_path
+from goldstick.quant.recipe import load_recipe
+from goldstick.model.runtime import setup_mindspore
+from goldstick.io.writer import PlacedShards, PlannedShardWriter, ShardedWriter
 
 FAST = dict(calib_samples=24, calib_seq_len=64, progress=False)  # 1536 tokens: more than the 1024-token sample
 
@@ -32,7 +32,7 @@ def shard_digests(folder: Path) -> dict[str, str]:
 
 
 class FullFloatPass(engine.LayerQuantizer):
-    """The layer quantizer as goldstick.analyze runs it: the float layer on every calibration token."""
+    """The layer quantizer as goldstick.evaluation.analyze runs it: the float layer on every calibration token."""
 
     def __init__(self, *args, **kwargs):
         kwargs["lean"] = False
@@ -67,7 +67,7 @@ def test_routed_experts_are_read_at_the_call_not_held(monkeypatch):
     """With an attention-only float pass, no routed expert's float weight is loaded into the network: each is
     read when the sample pass calls it (and again for its quantization and its SQNR reference), then dropped."""
     setup_mindspore()
-    from goldstick.model import StreamedLinear
+    from goldstick.model.network import StreamedLinear
 
     reader = CheckpointReader(default_model_path())
     cfg = reader.config
@@ -119,7 +119,7 @@ def test_host_broadcast_ops_give_the_device_ops_values(monkeypatch):
     setup_mindspore()
     from mindspore import Tensor
 
-    from goldstick import model
+    from goldstick.model import network as model
 
     reader = CheckpointReader(default_model_path())
     cfg = reader.config
@@ -151,7 +151,7 @@ def test_quantized_cells_compute_as_the_ops_formula():
     import mindspore as ms
     from mindspore import Tensor, ops
 
-    from goldstick.qlinear import DynamicW8A8Linear, StaticW8A8Linear
+    from goldstick.quant.cells import DynamicW8A8Linear, StaticW8A8Linear
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((5, 7, 96)).astype(np.float32) * rng.uniform(0.01, 30, 96).astype(np.float32)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from goldstick.config import ModelConfig
-from goldstick.fp8 import dequantize_fp8_blocks, scale_grid_shape
-from goldstick.make_model import (SIZES, add_make_model_parser, default_model_path, fp8_linear, make_model,
+from goldstick.model.config import ModelConfig
+from goldstick.quant.fp8 import dequantize_fp8_blocks, scale_grid_shape
+from goldstick.testing.make_model import (SIZES, add_make_model_parser, default_model_path, fp8_linear, make_model,
                                   outlier_report, parameter_counts, size_config, tensor_shapes)
-from goldstick.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer
+from goldstick.model.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ZH = "以下是中国关于高中物理考试的单项选择题，请选出其中的正确答案。\n下列说法正确的是____。\nA. 光是一种电磁波\n答案："

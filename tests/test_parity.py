@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import mindspore as ms  # noqa: E402
 
 import goldstick  # noqa: E402
-from goldstick.config import ModelConfig  # noqa: E402
+from goldstick.model.config import ModelConfig  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -108,7 +108,7 @@ def test_bf16_and_fp8_copies_give_the_f32_logits_within_their_precision(tmp_path
 
     Measured as RMS relative error: a rounding can flip a token's expert choice, and one flipped token sets the
     max-abs error of the whole batch."""
-    from goldstick.make_model import make_model
+    from goldstick.testing.make_model import make_model
 
     ids = ms.Tensor(np.random.RandomState(0).randint(3, 3000, (2, 32)).astype(np.int32))
     logits = {kind: goldstick.load_model(make_model(tmp_path / kind, **kw))(ids).asnumpy()

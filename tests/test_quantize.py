@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 import goldstick
-from goldstick.calibration import CalibrationError, load_calibration
-from goldstick.checkpoint import CheckpointReader
+from goldstick.engine.calibration import CalibrationError, load_calibration
+from goldstick.io.checkpoint import CheckpointReader
 from goldstick.cli import main as cli
-from goldstick.make_model import default_model_path
-from goldstick.engine import QuantizeError, quantize
-from goldstick.recipe import load_recipe
-from goldstick.tokenizer import load_tokenizer
-from goldstick.writer import ShardedWriter
+from goldstick.testing.make_model import default_model_path
+from goldstick.engine.pipeline import QuantizeError, quantize
+from goldstick.quant.recipe import load_recipe
+from goldstick.model.tokenizer import load_tokenizer
+from goldstick.io.writer import ShardedWriter
 
 FAST = dict(calib_samples=8, calib_seq_len=64, progress=False)
 
@@ -224,7 +224,7 @@ def test_smoothing_and_shifting_alone_keep_the_layer_output(tiny):
     layer's output must not change beyond float error (<= 1e-5 relative)."""
     from mindspore import Tensor, nn, ops
 
-    from goldstick.model import DecoderLayer, RotaryTables, positions_and_mask
+    from goldstick.model.network import DecoderLayer, RotaryTables, positions_and_mask
 
     reader = CheckpointReader(tiny)
     cfg = reader.config

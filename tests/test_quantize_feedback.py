@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from goldstick import engine
-from goldstick.calibration import CalibrationSet
-from goldstick.engine import Feedback, QuantizeError, quantize
-from goldstick.make_model import default_model_path
-from goldstick.recipe import Calibration, load_recipe
+from goldstick.engine import pipeline as engine
+from goldstick.engine.calibration import CalibrationSet
+from goldstick.engine.pipeline import Feedback, QuantizeError, quantize
+from goldstick.testing.make_model import default_model_path
+from goldstick.quant.recipe import Calibration, load_recipe
 
 SMALL = dict(calib_samples=4, calib_seq_len=64)
 DEFAULT_DATA = "calibration/mixed-zh-en.jsonl"

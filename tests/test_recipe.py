@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from goldstick.config import ModelConfig
-from goldstick.recipe import (DEFAULT_RECIPE, FEEDING_NORMS, SCHEMES, Calibration, Options, Recipe, RecipeError,
+from goldstick.model.config import ModelConfig
+from goldstick.quant.recipe import (DEFAULT_RECIPE, FEEDING_NORMS, SCHEMES, Calibration, Options, Recipe, RecipeError,
                               Rule, Scheme, fused_groups, load_recipe, shipped_recipes, smoothing_groups)
 from small_configs import small_config
 
@@ -55,7 +55,7 @@ def test_shipped_recipes_load_and_are_named_after_their_file():
 
 
 def test_shipped_recipes_have_a_header_comment():
-    from goldstick.recipe import _recipe_dir
+    from goldstick.quant.recipe import _recipe_dir
     for name in SHIPPED:
         text = (_recipe_dir() / f"{name}.yaml").read_text()
         assert text.startswith(f"# {name}")

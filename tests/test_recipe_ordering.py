@@ -11,7 +11,7 @@ Expected, with margins (ratios of mean KL):
   * OS+ on MLA is no worse than SmoothQuant on MLA:     KL(mixed)  <= 0.95 x KL(mla-smoothquant-ffn-dynamic)
   * naive static W8A8 is clearly worse than SmoothQuant: KL(naive)  >= 2.0 x KL(smoothquant)
 The same ordering must show in logits SQNR. Why it holds on the model, and how large the margins were across model
-and calibration seeds, is documented in ``goldstick/make_model.py``.
+and calibration seeds, is documented in ``goldstick/testing/make_model.py``.
 
 Every exported checkpoint must also reproduce the engine: ``load_model(out)`` on the first calibration batch gives
 ``result.final_logits`` (relative max error <= 1e-5).
@@ -43,12 +43,12 @@ RECIPES = {
 def measured(tmp_path_factory):
     from mindspore import Tensor
 
-    from goldstick.calibration import DEFAULT_CALIBRATION, load_calibration
-    from goldstick.evaluate import compare_logits, heldout_batches, model_logits
-    from goldstick.loader import load_model
-    from goldstick.make_model import default_model_path
-    from goldstick.engine import quantize
-    from goldstick.tokenizer import load_tokenizer
+    from goldstick.engine.calibration import DEFAULT_CALIBRATION, load_calibration
+    from goldstick.evaluation.compare import compare_logits, heldout_batches, model_logits
+    from goldstick.io.loader import load_model
+    from goldstick.testing.make_model import default_model_path
+    from goldstick.engine.pipeline import quantize
+    from goldstick.model.tokenizer import load_tokenizer
 
     model = default_model_path()
     root = tmp_path_factory.mktemp("ordering")

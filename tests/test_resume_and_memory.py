@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from goldstick.make_model import default_model_path
+from goldstick.testing.make_model import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--calib-samples", "8", "--calib-seq-len", "64", "--no-progress"]

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the server needs the serve extra (fastapi, uvicorn)")
 pytest.importorskip("uvicorn")
 
-from goldstick.make_model import default_model_path  # noqa: E402
+from goldstick.testing.make_model import default_model_path  # noqa: E402
 
 HOST = "127.0.0.1"
 MAX_BODY = 64 * 1024  # small, so the oversize test sends little

@@ -1,4 +1,4 @@
-"""The data-free streaming path (goldstick.stream) and the executors (goldstick.executors).
+"""The data-free streaming path (goldstick.engine.stream) and the executors (goldstick.engine.executors).
 
 The streamed checkpoint must be the layer path's checkpoint bit for bit (shards, index, description, config), on a
 multi-shard FP8 model with a weight_scale_inv in another shard than its weight, for the w8a16 and dynamic recipes;
@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from goldstick import algorithms as alg
-from goldstick.checkpoint import CheckpointError, CheckpointReader
-from goldstick.engine import QuantizeError, bf16_ceil, quantize, quantize_weight
-from goldstick.executors import ExecutorError, InlineExecutor, LocalExecutor, get_executor
-from goldstick.make_model import default_model_path
-from goldstick.stream import StreamError, calibration_needed, route, stream_quantize
-from goldstick.writer import PlannedShardWriter, ShardedWriter
+from goldstick.quant import algorithms as alg
+from goldstick.io.checkpoint import CheckpointError, CheckpointReader
+from goldstick.engine.pipeline import QuantizeError, quantize
+from goldstick.quant.numerics import bf16_ceil, quantize_weight
+from goldstick.engine.executors import ExecutorError, InlineExecutor, LocalExecutor, get_executor
+from goldstick.testing.make_model import default_model_path
+from goldstick.engine.stream import StreamError, calibration_needed, route, stream_quantize
+from goldstick.io.writer import PlannedShardWriter, ShardedWriter
 
 DATA_FREE = ("deepseek-r1-w8a16", "deepseek-r1-w8a8-dynamic")
 SHARD = 3_000_000  # several output shards from the ~15 MB tiny FP8 model
@@ -31,7 +32,7 @@ PROVENANCE = {"report.json", "report.md", "manifest.json"}  # the layer path's r
 
 @pytest.fixture(scope="module")
 def fp8_model(tmp_path_factory):
-    from goldstick.make_model import make_model
+    from goldstick.testing.make_model import make_model
 
     return make_model(tmp_path_factory.mktemp("src") / "fp8", size="tiny", fp8=True)
 
@@ -71,7 +72,7 @@ def all_tensors(folder):
 
 # ---- the quantization maths and the writer --------------------------------------------------------------------
 def _whole_tensor_quantize(w, mode):
-    """engine.quantize_weight as one whole-tensor expression (what it was before it went blockwise)."""
+    """numerics.quantize_weight as one whole-tensor expression (what it was before it went blockwise)."""
     scale = bf16_ceil(alg.quantize_weight_per_channel(w, mode=mode).scale)
     low = -128 if mode == "gs" else -127
     return np.clip(np.rint(w.astype(np.float64) / scale[:, None].astype(np.float64)), low, 127).astype(np.int8), scale
@@ -80,8 +81,8 @@ def _whole_tensor_quantize(w, mode):
 @pytest.mark.parametrize("numba", [True, False], ids=["numba", "numpy"])
 @pytest.mark.parametrize("mode", ["absmax127", "gs"])
 def test_blockwise_weight_quantization_equals_the_whole_tensor_expression(mode, numba, monkeypatch):
-    """engine.quantize_weight, numpy (the layer path) and fused (goldstick.kernels, the streaming path)."""
-    from goldstick import kernels
+    """numerics.quantize_weight, numpy (the layer path) and fused (goldstick.quant.kernels, the streaming path)."""
+    from goldstick.quant import kernels
 
     if numba and not kernels.AVAILABLE:
         pytest.skip("numba is not installed")
@@ -92,13 +93,13 @@ def test_blockwise_weight_quantization_equals_the_whole_tensor_expression(mode, 
         w[0] = 0  # an all-zero row: scale 1, codes 0
         if shape[0] > 2:
             w[1, 0], w[2, 0] = np.abs(w[1]).max() * 2, -np.abs(w[2]).max() * 2  # +absmax and -absmax hit the edges
-        q, s = quantize_weight(w, mode, fused=numba)
+        q, s = quantize_weight(w, mode, rows=kernels.quantize_rows if numba else None)
         rq, rs = _whole_tensor_quantize(w, mode)
         assert q.dtype == np.int8 and s.dtype == np.float32
         assert np.array_equal(q, rq) and np.array_equal(s, rs)
         half = shape[0] // 2  # rows are independent: a unit of rows gives the rows of the whole
         if half:
-            assert np.array_equal(quantize_weight(w[half:], mode, fused=numba)[0], q[half:])
+            assert np.array_equal(quantize_weight(w[half:], mode, rows=kernels.quantize_rows if numba else None)[0], q[half:])
     bad = np.ones((4, 4), np.float32)
     bad[2, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -106,8 +107,8 @@ def test_blockwise_weight_quantization_equals_the_whole_tensor_expression(mode, 
 
 
 def test_fp8_decode_equals_the_reader_s():
-    from goldstick.fp8 import dequantize_fp8_blocks, quantize_fp8_blocks
-    from goldstick.stream import decode_fp8
+    from goldstick.quant.fp8 import dequantize_fp8_blocks, quantize_fp8_blocks
+    from goldstick.engine.stream import decode_fp8
 
     rng = np.random.default_rng(1)
     for shape in [(256, 384), (128, 128), (200, 384), (256, 300)]:  # whole blocks (one broadcast) and ragged ones
@@ -153,7 +154,7 @@ def test_planned_writer_abort_leaves_nothing(tmp_path):
 
 # ---- which path ----------------------------------------------------------------------------------------------
 def test_route_streams_data_free_recipes_only(fp8_model, tmp_path):
-    from goldstick.recipe import load_recipe
+    from goldstick.quant.recipe import load_recipe
 
     for name in DATA_FREE:
         recipe = load_recipe(name)
@@ -162,7 +163,7 @@ def test_route_streams_data_free_recipes_only(fp8_model, tmp_path):
         assert route(fp8_model, recipe, "auto", "compressed-tensors", False, None, tmp_path / "o", False)[0] \
             == "layers"
     mixed = load_recipe("deepseek-r1-w8a8-mixed")
-    from goldstick.config import ModelConfig
+    from goldstick.model.config import ModelConfig
 
     assert calibration_needed(mixed.plan(ModelConfig.from_file(fp8_model)))
     assert route(fp8_model, mixed, "auto", "mindspore", False, None, tmp_path / "o", False)[0] == "layers"
@@ -179,7 +180,7 @@ def test_stream_equals_the_layer_path_bit_for_bit(recipe, source, fp8_model, lay
     """FP8 (R1 layout, bf16 non-FP8 tensors) for both recipes, and the float32 default model."""
     from mindspore import Tensor
 
-    from goldstick.loader import load_model
+    from goldstick.io.loader import load_model
 
     layers = layer_outputs(recipe, source)
     model = fp8_model if source == "fp8" else default_model_path()
@@ -229,7 +230,7 @@ def test_stream_refuses_nan_codes_and_non_finite_scales(fp8_model, tmp_path, num
     """The fused kernels leave non-finite values to the numpy path, which names file, tensor, count and index:
     a negative NaN code (0xff) in a quantized expert, an inf block scale in an FP8 tensor kept float (the MTP
     layer's, 96 columns: a ragged block), a bf16 NaN in a norm weight (bf16 passed through, checked on its bits)."""
-    from goldstick import kernels
+    from goldstick.quant import kernels
 
     if numba and not kernels.AVAILABLE:
         pytest.skip("numba is not installed")
@@ -264,7 +265,7 @@ def test_stream_refuses_nan_codes_and_non_finite_scales(fp8_model, tmp_path, num
 
 def test_stream_without_numba_gives_the_same_bytes(fp8_model, tmp_path, monkeypatch):
     """The numpy fallback (numba missing) writes the fused kernels' checkpoint byte for byte."""
-    from goldstick import kernels
+    from goldstick.quant import kernels
 
     if not kernels.AVAILABLE:
         pytest.skip("numba is not installed")
@@ -310,7 +311,7 @@ def test_local_processes_give_the_inline_bytes(fp8_model, tmp_path):
                           progress=False, max_shard_bytes=SHARD).out
     assert all(same_bytes(one, two).values())  # every file, report and manifest included
     # the shards' sha256 were computed while the run went on (stream.ShardHasher): they are the final files'
-    from goldstick.files import sha256_file
+    from goldstick.io.files import sha256_file
 
     manifest = json.loads((two / "manifest.json").read_text())["files"]
     assert set(manifest) == set(files(two)) - {"manifest.json"}
@@ -330,7 +331,7 @@ def test_ray_executor_gives_the_local_executors_bytes(fp8_model, tmp_path):
     """A local Ray instance (2 CPUs, loopback) runs the units as Ray tasks: the same bytes as local processes,
     for the streamed path and for the layer path's expert quantization."""
     ray = pytest.importorskip("ray")
-    from goldstick.executors import RayExecutor
+    from goldstick.engine.executors import RayExecutor
 
     local = stream_quantize(fp8_model, "deepseek-r1-w8a16", tmp_path / "local", executor="local",
                             progress=False, max_shard_bytes=SHARD).out
@@ -342,7 +343,7 @@ def test_ray_executor_gives_the_local_executors_bytes(fp8_model, tmp_path):
                                        progress=False, max_shard_bytes=SHARD).out
             units = [(np.random.default_rng(k).standard_normal((64, 32), dtype=np.float32), "absmax127")
                      for k in range(4)]
-            from goldstick.engine import quantize_weight_unit
+            from goldstick.engine.pipeline import quantize_weight_unit
 
             for (q, s), (rq, rs) in zip(ex.map(quantize_weight_unit, units), map(quantize_weight_unit, units)):
                 assert np.array_equal(q, rq) and np.array_equal(s, rs)
@@ -354,8 +355,8 @@ def test_ray_executor_gives_the_local_executors_bytes(fp8_model, tmp_path):
 
 # ---- make-model overrides (the benchmark's R1-width models) -------------------------------------------------
 def test_make_model_overrides(tmp_path):
-    from goldstick.config import ConfigError, ModelConfig
-    from goldstick.make_model import make_model
+    from goldstick.model.config import ConfigError, ModelConfig
+    from goldstick.testing.make_model import make_model
 
     with pytest.raises(ValueError, match="hidden_sise are not DeepSeek-V3 config fields"):
         make_model(tmp_path / "a", size="tiny", overrides={"hidden_sise": 512})

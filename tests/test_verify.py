@@ -19,10 +19,10 @@ import pytest
 
 import goldstick
 from goldstick.cli import main as cli
-from goldstick.export import export_checkpoint, write_manifest
-from goldstick.make_model import default_model_path
-from goldstick.recipe import load_recipe
-from goldstick.verification import VerifyError, verify
+from goldstick.io.export import export_checkpoint, write_manifest
+from goldstick.testing.make_model import default_model_path
+from goldstick.quant.recipe import load_recipe
+from goldstick.io.verification import VerifyError, verify
 
 from test_checkpoint import INDEX, rewrite_shard, shard_of
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from goldstick.writer import (INDEX_NAME, ShardedWriter, WriterError, shard_file_name, write_safetensors)
+from goldstick.io.writer import (INDEX_NAME, ShardedWriter, WriterError, shard_file_name, write_safetensors)
 
 
 def _read_all(out_dir):
@@ -131,7 +131,7 @@ def test_exception_leaves_nothing_behind(tmp_path):
 
 
 def test_failure_during_close_leaves_nothing_behind(tmp_path, monkeypatch):
-    import goldstick.writer as writer_mod
+    import goldstick.io.writer as writer_mod
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

@@ -1,0 +1,1 @@
+"""Quantization runs: calibration, the layer loop, resume, the streaming path, executors, reports."""

@@ -1,0 +1,1 @@
+"""Accuracy: float vs quantized on held-out text, sensitivity analysis, C-Eval."""

@@ -1,0 +1,1 @@
+"""Checkpoints on disk: reader, shard writer, formats, run folder, verification, loader."""

@@ -1,0 +1,1 @@
+"""The DeepSeek-V3 network and what describes it: config, architecture map, tokenizer, MindSpore runtime."""

@@ -1,0 +1,1 @@
+"""Quantization maths and vocabulary: numerics, algorithms, FP8, kernels, recipes and plans, cells."""

@@ -1,0 +1,1 @@
+"""Generation and the OpenAI-style HTTP server."""

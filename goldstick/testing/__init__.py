@@ -1,0 +1,1 @@
+"""Synthetic DeepSeek-V3 checkpoints (the embedded default model, test and benchmark models)."""
