@@ -1,11 +1,11 @@
 """Calibration forward speed: goldstick's MindSpore network against transformers' DeepseekV3, same checkpoint.
 
 For each size, one random-weight DeepSeek-V3 checkpoint is written by transformers (``save_pretrained``) and read
-by both tools. The timed work is what layer-wise calibration does (goldstick.engine.pipeline's float pass): the calibration
+by both tools. The timed work is what layer-wise calibration does (the engine's float pass): the calibration
 batches' hidden states go through the decoder layers one layer at a time, every batch through layer i before
 layer i+1, with forward pre-hooks keeping a running per-channel min/max of every linear's input.
 
-  * goldstick: ``engine.LayerQuantizer.observe`` itself (MindSpore PyNative, fp32, the engine's hooks, which also
+  * goldstick: ``LayerQuantizer.observe`` itself (MindSpore PyNative, fp32, the engine's hooks, which also
     record the router's choices).
   * transformers: ``DeepseekV3DecoderLayer`` in fp32 under ``torch.no_grad``; pre-hooks on every ``nn.Linear``
     keep min/max with ``torch.aminmax``; transformers 5 stores routed experts as fused 3-D tensors with no
@@ -17,12 +17,11 @@ layer i+1, with forward pre-hooks keeping a running per-channel min/max of every
 Each round runs every tool in a process of its own, alternating which goes first: the tool loads the checkpoint,
 runs one warm-up pass (shape caches) and ``--passes`` timed passes. One process per tool, because two thread pools
 in one process disturb each other on 2 cores: torch's OpenMP workers busy-wait after each parallel region and take
-a core from the MindSpore op that follows (measured, both tools in one process: the tiny ratio 0.52x with the
-default OpenMP wait policy, 1.09x with OMP_WAIT_POLICY=PASSIVE, which slows torch instead). A pass's tokens/s is
-calibration tokens / wall seconds of the whole layer-by-layer pass (embedding lookup and checkpoint loading not
-included). The median pass is reported, and goldstick's median divided by each transformers median. Both use the
-same number of intra-op threads (``--threads``, default 2: torch.set_num_threads and MindSpore's CPU kernel
-threads). The final hidden states of the tools are compared as a check that they compute the same thing.
+a core from the MindSpore op that follows (OMP_WAIT_POLICY=PASSIVE avoids that but slows torch instead). A pass's
+tokens/s is calibration tokens / wall seconds of the whole layer-by-layer pass (embedding lookup and checkpoint
+loading not included). The median pass is reported, and goldstick's median divided by each transformers median.
+Both use the same number of intra-op threads (``--threads``, default 2: torch.set_num_threads and MindSpore's CPU
+kernel threads). The final hidden states of the tools are compared as a check that they compute the same thing.
 
     python benchmarks/forward_speed.py [--sizes tiny wide] [--batch 4] [--seq-len 256] [--batches 2] [--rounds 3]
                                        [--passes 2] [--torch eager default]
@@ -69,7 +68,8 @@ def write_checkpoint(directory: Path, size: str, seed: int = 0) -> None:
     import torch
     import transformers
 
-    config = transformers.DeepseekV3Config(**COMMON, **SIZES[size], num_key_value_heads=SIZES[size]["num_attention_heads"])
+    config = transformers.DeepseekV3Config(**COMMON, **SIZES[size],
+                                           num_key_value_heads=SIZES[size]["num_attention_heads"])
     torch.manual_seed(seed)
     model = transformers.DeepseekV3ForCausalLM(config).eval()
     with torch.no_grad():
@@ -163,11 +163,12 @@ class TorchCalibration:
 # ---- goldstick side ---------------------------------------------------------------------------------------------
 class GoldstickCalibration:
     def __init__(self, directory: Path):
-        from goldstick.engine import pipeline as engine
+        from goldstick.engine.inputs import prepare_batches
+        from goldstick.engine.layer import LayerQuantizer
         from goldstick.io.checkpoint import CheckpointReader
         from goldstick.quant.recipe import load_recipe
 
-        self.engine = engine
+        self.prepare_batches, self.layer_quantizer = prepare_batches, LayerQuantizer
         self.reader = CheckpointReader(directory)
         self.cfg = self.reader.config
         self.recipe = load_recipe("deepseek-r1-w8a8-mixed")
@@ -175,13 +176,13 @@ class GoldstickCalibration:
         self.layers = None
 
     def inputs(self, ids: list[np.ndarray]):
-        batches = self.engine._prepare_batches(self.cfg, SimpleNamespace(batches=ids))
+        batches = self.prepare_batches(self.cfg, SimpleNamespace(batches=ids))
         embed = self.reader.read("model.embed_tokens.weight")
         # the layers are built (weights read and set) once, outside the timed passes, as transformers' are
-        self.layers = [self.engine.LayerQuantizer(self.cfg, i, self.reader.read_layer(i), self.plan, self.recipe,
-                                                  batches, [])
+        self.layers = [self.layer_quantizer(self.cfg, i, self.reader.read_layer(i), self.plan, self.recipe,
+                                            batches, [])
                        for i in range(self.cfg.num_hidden_layers)]
-        return [embed[b[0]] for b in batches]  # the engine's batches (it cuts big ones: engine.batch_rows)
+        return [embed[b[0]] for b in batches]  # the engine's batches (it cuts big ones: batch_rows)
 
     def calibrate(self, hidden) -> list:
         """The engine's float pass (observe), layer by layer; returns the last layer's outputs."""
@@ -213,7 +214,8 @@ def run_size(size: str, args) -> dict:
                 seconds[name] += result["seconds"]
                 labels[name] = name if name == "goldstick" else f"{name} ({result['impl']})"
         ref = np.load(work / "goldstick.npy")
-        agreement = {name: float(np.abs(np.load(work / f"{name.replace(' ', '-')}.npy") - ref).max() / np.abs(ref).max())
+        agreement = {name: float(np.abs(np.load(work / f"{name.replace(' ', '-')}.npy") - ref).max()
+                                 / np.abs(ref).max())
                      for name in tools}
     tokens = args.batch * args.seq_len * args.batches
     return dict(size=size, tokens=tokens, seconds=seconds, agreement=agreement, labels=labels)

@@ -1,6 +1,6 @@
 """DeepSeek-R1 (671B) on paper: time and peak host memory to quantize it with the mixed recipe, from measurements.
 
-Measured here, with the engine's own code (``engine.LayerQuantizer``, recipe ``deepseek-r1-w8a8-mixed``) on one
+Measured here, with the engine's own code (``LayerQuantizer``, recipe ``deepseek-r1-w8a8-mixed``) on one
 R1-width MoE decoder layer (hidden 7168, q_lora 1536, kv_lora 512, 128 heads, rope 64 / nope 128 / v 128,
 moe_intermediate 2048, a few routed experts instead of 256, FP8 blocks as in the release), built by
 ``goldstick make-model``:
@@ -71,7 +71,8 @@ def attention_params(cfg) -> int:
     h, heads = cfg.hidden_size, cfg.num_attention_heads
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     q = h * cfg.q_lora_rank + cfg.q_lora_rank * heads * qk if cfg.q_lora_rank else h * heads * qk
-    kv = h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    kv = (h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+          + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
     return q + kv + heads * cfg.v_head_dim * h
 
 
@@ -96,13 +97,14 @@ def build_probe(directory: Path) -> Path:
 def measure(probe: Path, tokens: int, seq_len: int, token_sample: int, grid: int) -> dict:
     from types import SimpleNamespace
 
-    from goldstick.engine import pipeline as engine
-    from goldstick.quant.numerics import bf16_round
+    from goldstick.engine.inputs import prepare_batches
+    from goldstick.engine.layer import LayerQuantizer, RunningStats
     from goldstick.io.checkpoint import CheckpointReader
-    from goldstick.model.network import MLP
-    from goldstick.quant.recipe import load_recipe
-    from goldstick.model.runtime import setup_mindspore
     from goldstick.io.writer import write_safetensors
+    from goldstick.model.network import MLP
+    from goldstick.model.runtime import setup_mindspore
+    from goldstick.quant.numerics import bf16_round
+    from goldstick.quant.recipe import load_recipe
 
     setup_mindspore()
     import mindspore as ms
@@ -117,7 +119,7 @@ def measure(probe: Path, tokens: int, seq_len: int, token_sample: int, grid: int
     rng = np.random.default_rng(0)
     batch = max(1, tokens // seq_len)
     ids = [rng.integers(3, cfg.vocab_size, (batch, seq_len), dtype=np.int32)]
-    batches = engine._prepare_batches(cfg, SimpleNamespace(batches=ids))
+    batches = prepare_batches(cfg, SimpleNamespace(batches=ids))
     hidden = [bf16_round(reader.read("model.embed_tokens.weight"))[b[0]] for b in batches]
     source_bytes = sum(reader._tensors[n].end - reader._tensors[n].start for n in reader.names()
                        if n.startswith("model.layers.0."))
@@ -134,7 +136,7 @@ def measure(probe: Path, tokens: int, seq_len: int, token_sample: int, grid: int
     tensors = phase("read", lambda: reader.read_layer(0))
     params = sum(a.size for a in tensors.values())
     out["params"] = params
-    lq = phase("build", lambda: engine.LayerQuantizer(cfg, 0, tensors, plan, recipe, batches, hidden))
+    lq = phase("build", lambda: LayerQuantizer(cfg, 0, tensors, plan, recipe, batches, hidden))
 
     # time the attention block and every expert call inside the float pass with cell hooks
     spent = {"attention": 0.0, "experts": 0.0, "expert_calls": 0, "expert_rows": 0, "shared": 0.0}
@@ -187,8 +189,8 @@ def measure(probe: Path, tokens: int, seq_len: int, token_sample: int, grid: int
     for p in expert.get_parameters():
         p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.01))
     for lin in (expert.gate_proj, expert.up_proj, expert.down_proj):
-        lin.register_forward_pre_hook(lambda c, a, stats=engine.RunningStats():
-                                      stats.update(a[0].asnumpy().reshape(-1, c.in_features)))
+        stats = RunningStats()
+        lin.register_forward_pre_hook(lambda c, a, stats=stats: stats.update(a[0].asnumpy().reshape(-1, c.in_features)))
     timing = {}
     for rows in (16, 256):
         x = ms.Tensor(rng.standard_normal((rows, cfg.hidden_size)).astype(np.float32))
@@ -296,9 +298,9 @@ def estimate(m: dict, disk_gbps: float) -> dict:
     b = batch_tokens // seq
     scores = 3 * b * r1.num_attention_heads * seq * seq * 4  # scores, masked scores, probabilities of one batch
     today = bytes_per_param * moe_p + activations + scores
-    # the engine's lean loop (engine.LayerQuantizer(lean=True)): tensors read one at a time into the network (4 B/param
+    # the engine's lean loop (LayerQuantizer(lean=True)): tensors read one at a time into the network (4 B/param
     # once), routed experts streamed in float and resident as int8, one activation set replaced in place, batches
-    # cut to one sequence (engine.batch_rows) -- derived from the parameter counts, not measured on the probe
+    # cut to one sequence (batch_rows) -- derived from the parameter counts, not measured on the probe
     lean_rows = max(1, min((1 << 21) // (r1.num_attention_heads * seq * seq), (1 << 20) // (seq * r1.hidden_size)))
     per_expert = {
         "float attention + shared expert (4 B/param, once)": 4 * (attn_p + expert_params(r1)),
@@ -306,7 +308,8 @@ def estimate(m: dict, disk_gbps: float) -> dict:
         + 4 * expert_params(r1),
         "activations (one set, outputs replace inputs)": cal_tokens * r1.hidden_size * 4,
         f"attention scores of one batch ({lean_rows} sequence)": 3 * lean_rows * r1.num_attention_heads * seq * seq * 4}
-    return dict(cpu=cpu, npu=npu, disk=disk, stats_bytes=stats_bytes, expert_calls=expert_calls, cal_tokens=cal_tokens, batches=batches, search_forwards=search_forwards,
+    return dict(cpu=cpu, npu=npu, disk=disk, stats_bytes=stats_bytes, expert_calls=expert_calls, cal_tokens=cal_tokens,
+                batches=batches, search_forwards=search_forwards,
                 attn_rate=attn_rate, attn_tok=attn_tok, expert_row=expert_row, expert_call=expert_call,
                 rows_per_expert=rows_per_expert, moe_params=moe_p, dense_params=dense_p, total_params=total_p,
                 moe_bytes=moe_bytes / n_moe, bytes_per_param=bytes_per_param, worst_phase=worst_phase,
@@ -353,7 +356,8 @@ def report(m: dict, e: dict, disk_gbps: float) -> None:
         print(f"  {k:34} {hours(v)}")
     print(f"  {'total':34} {hours(total)}   ({total / 86400:.1f} days)")
     print(f"\n(a) one node of {NPU['devices']} x {NPU['name']} ({NPU['fp16_tflops']:.0f} TFLOPS FP16 each, "
-          f"assumed MFU {NPU['mfu']:.0%}, {NPU['op_launch_us']:.0f} us per op launch, PCIe {NPU['pcie_gbps']:.0f} GB/s, "
+          f"assumed MFU {NPU['mfu']:.0%}, {NPU['op_launch_us']:.0f} us per op launch, "
+          f"PCIe {NPU['pcie_gbps']:.0f} GB/s, "
           f"host statistics {NPU['host_stats_gbps']:.0f} GB/s on {e['stats_bytes'] / 1e12:.1f} TB); "
           f"host work at this machine's measured single-process rates:")
     total_npu = 0.0

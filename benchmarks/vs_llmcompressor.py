@@ -4,7 +4,8 @@ Both tools quantize the same Hugging Face DeepSeek-V3 checkpoint (built here by 
 random weights, plus a few planted outlier channels in the attention norms so that smoothing matters, as on real
 DeepSeek checkpoints) with the same calibration token ids and the same scheme:
 
-    SmoothQuant alpha 0.8 folded into input_layernorm (-> q_a_proj + kv_a_proj_with_mqa) and q_a_layernorm (-> q_b_proj),
+    SmoothQuant alpha 0.8 folded into input_layernorm (-> q_a_proj + kv_a_proj_with_mqa) and q_a_layernorm
+    (-> q_b_proj),
     then W8A8 on every other linear too: int8 per-channel symmetric weights, int8 dynamic per-token activations;
     router (mlp.gate), kv_b_proj and lm_head float.
 
@@ -57,7 +58,8 @@ import json, resource, subprocess, sys, time
 start = time.perf_counter()
 rc = subprocess.call(sys.argv[2:], stdout=open(sys.argv[1], "w"), stderr=subprocess.STDOUT)
 wall = time.perf_counter() - start
-print(json.dumps({"rc": rc, "seconds": wall, "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"rc": rc, "seconds": wall, "peak_rss": peak}))
 """
 
 

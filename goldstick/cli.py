@@ -250,8 +250,8 @@ def add_run_parser(sub) -> None:
 
 
 def run_main_job(args) -> int:
-    from goldstick.evaluation.compare import compare_models
     from goldstick.engine.pipeline import quantize
+    from goldstick.evaluation.compare import compare_models
     from goldstick.quant.recipe import DEFAULT_RECIPE
 
     model = _model_or_default(None)
@@ -266,7 +266,8 @@ def run_main_job(args) -> int:
     quantize(model, recipe, out=quant_dir, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
     seconds = time.time() - started
     comparison = compare_models(model, quant_dir)
-    summary = {"recipe": recipe, "model": str(model), "quantized": str(quant_dir), "quantize_seconds": round(seconds, 1),
+    summary = {"recipe": recipe, "model": str(model), "quantized": str(quant_dir),
+               "quantize_seconds": round(seconds, 1),
                "heldout_comparison": comparison.as_dict()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["heldout_comparison"], indent=2))

@@ -27,8 +27,8 @@ Side effects that are contained here:
 * The quant-cell and algorithm registrations are class-level state in ``mindspore_gs``. They are done once per
   process.
 * GS's logger calls ``inspect.stack()`` for every message, even those it filters out. At pytest stack depths that
-  costs tens of milliseconds per call: about 3 s of the ~5 s PTQ run in the full suite. ``quiet_gs_logger`` swaps
-  only the caller lookup for a cheap one while PTQ runs. It touches no quantization code.
+  costs most of the PTQ run's time. ``quiet_gs_logger`` swaps only the caller lookup for a cheap one while PTQ
+  runs. It touches no quantization code.
 """
 
 from __future__ import annotations
@@ -38,12 +38,10 @@ import importlib
 import os
 import sys
 
-import numpy as np
-
 import mindspore as ms
-from mindspore import Tensor, mint, nn
-
 import mindspore_gs
+import numpy as np
+from mindspore import Tensor, mint, nn
 from mindspore_gs.common import BackendTarget
 from mindspore_gs.ptq import PTQ, PTQConfig, PTQMode
 from mindspore_gs.ptq.models.base_model import BaseQuantForCausalLM

@@ -15,12 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from goldstick.evaluation.analyze import (AnalyzeError, candidate_units, layer_units, parse_budget, recipe_with_moves,
-                               safer_scheme, slot_of)
 from goldstick.cli import main as cli
+from goldstick.evaluation.analyze import (
+    AnalyzeError,
+    candidate_units,
+    layer_units,
+    parse_budget,
+    recipe_with_moves,
+    safer_scheme,
+    slot_of,
+)
+from goldstick.model.architecture import fused_groups, smoothing_groups
 from goldstick.model.config import ModelConfig
+from goldstick.quant.recipe import Scheme, load_recipe
 from goldstick.testing.make_model import default_model_path
-from goldstick.quant.recipe import Scheme, fused_groups, load_recipe, smoothing_groups
 
 NAIVE = "deepseek-r1-w8a8-static-naive"
 FAST = dict(calib_samples=8, calib_seq_len=64, progress=False)
@@ -204,7 +212,7 @@ def quantized(run, tiny, tmp_path_factory):
 
 @pytest.mark.slow
 def test_proposal_beats_all_static_on_ceval_agreement(quantized, tiny, tmp_path):
-    from goldstick.evaluation.ceval import run_ceval
+    from goldstick.evaluation.ceval_run import run_ceval
 
     report = run_ceval(tiny, [("static", str(quantized["static"])), ("proposed", str(quantized["proposed"]))],
                        data=FIXTURE, split="val", shots=0, progress=False, plots=False, bootstrap_samples=200,

@@ -19,34 +19,38 @@ import inspect
 import json
 import re
 
+import mindspore as ms
 import ml_dtypes
 import numpy as np
 import pytest
-
-import mindspore as ms
 from mindspore import Tensor, ops
-from mindspore.ops.auto_generate import (DynamicQuantExt, GroupedMatmulV4, QuantBatchMatmul, QuantV2,
-                                         WeightQuantBatchMatmul)
+from mindspore.ops.auto_generate import (
+    DynamicQuantExt,
+    GroupedMatmulV4,
+    QuantBatchMatmul,
+    QuantV2,
+    WeightQuantBatchMatmul,
+)
 from mindspore.ops.auto_generate.gen_ops_prim import dtype_to_type_id
 
 import goldstick
-from goldstick.quant import ascend
 from goldstick.io.checkpoint import CheckpointReader
 from goldstick.model.network import Linear, MoE
-from goldstick.quant.cells import DESCRIPTION_TO_SCHEME, cell_from_tensors
 from goldstick.model.runtime import setup_mindspore
+from goldstick.quant import ascend, schemes
+from goldstick.quant.cells import cell_from_tensors
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 RECIPES = ("deepseek-r1-w8a8-mixed", "deepseek-r1-w8a8-dynamic", "deepseek-r1-w8a16", "deepseek-r1-w8a8-smoothquant")
 
 # scheme -> (dense cell, grouped cell, Ascend primitive class of each kernel attribute, in call order)
 EXPECTED = {
-    "w8a8-static": (ascend.AscendStaticW8A8Linear, ascend.AscendGroupedStaticW8A8Linear,
+    schemes.W8A8_STATIC: (ascend.AscendStaticW8A8Linear, ascend.AscendGroupedStaticW8A8Linear,
                     {"quant": "QuantV2", "qbmm": "QuantBatchMatmul"}, {"quant": "QuantV2", "gmm": "GroupedMatmulV4"}),
-    "w8a8-dynamic": (ascend.AscendDynamicW8A8Linear, ascend.AscendGroupedDynamicW8A8Linear,
+    schemes.W8A8_DYNAMIC: (ascend.AscendDynamicW8A8Linear, ascend.AscendGroupedDynamicW8A8Linear,
                      {"dynamic_quant": "DynamicQuantExt", "qbmm": "QuantBatchMatmul"},
                      {"dynamic_quant": "DynamicQuantExt", "gmm": "GroupedMatmulV4"}),
-    "w8a16": (ascend.AscendW8A16Linear, ascend.AscendGroupedW8A16Linear,
+    schemes.W8A16: (ascend.AscendW8A16Linear, ascend.AscendGroupedW8A16Linear,
               {"wqbmm": "WeightQuantBatchMatmul"}, {"gmm": "GroupedMatmulV4"}),
 }
 # the dtype each stored tensor has in a dense Ascend cell (bf16 compute) and in a grouped one
@@ -62,8 +66,8 @@ UNREGISTERED = re.compile(r"The kernel (\w+) unregistered")
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """recipe -> quantized checkpoint folder of the default tiny model, made on first use."""
-    from goldstick.testing.make_model import default_model_path
     from goldstick.engine.pipeline import quantize
+    from goldstick.testing.make_model import default_model_path
 
     made = {}
 
@@ -95,9 +99,9 @@ def stored(path) -> tuple[dict[str, np.ndarray], dict[str, str], CheckpointReade
 def quantized_owners(tensors, labels) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
     owners = {}
     for name, array in tensors.items():
-        if labels[name] != "FLOAT":
+        if labels[name] != schemes.FLOAT_LABEL:
             owner, _, local = name.rpartition(".")
-            owners.setdefault(owner, (DESCRIPTION_TO_SCHEME[labels[name]], {}))[1][local] = array
+            owners.setdefault(owner, (schemes.LABEL_TO_SCHEME[labels[name]], {}))[1][local] = array
     return owners
 
 
@@ -351,7 +355,7 @@ def test_every_quantized_linear_becomes_its_ascend_cell(checkpoints, recipe):
                 (False, True, 0)
 
     # float linears stay float Linear cells holding the stored values (float32 in the CPU-built network)
-    float_linears = [n for n in labels if labels[n] == "FLOAT" and n.endswith(".weight")
+    float_linears = [n for n in labels if labels[n] == schemes.FLOAT_LABEL and n.endswith(".weight")
                      and not re.search(r"(norm|embed_tokens)\.weight$", n) and n.rpartition(".")[0] not in owners
                      and not re.match(rf"model\.layers\.{reader.config.num_hidden_layers}\.", n)]
     assert float_linears and any(n.endswith("kv_b_proj.weight") for n in float_linears)
@@ -411,7 +415,7 @@ def test_routed_experts_become_one_grouped_matmul_cell(checkpoints, recipe):
                     expect = array.astype(np.float32).astype(BF16) if k == "deq_scale" else array
                     np.testing.assert_array_equal(values(back[k]), values(expect),
                                                   err_msg=f"{layer} expert {e} {proj}.{k}")
-            if scheme == "w8a8-static":  # goldstick calibrates each expert's input range on its own tokens
+            if scheme == schemes.W8A8_STATIC:  # goldstick calibrates each expert's input range on its own tokens
                 assert not cell.shared_input_quant
 
 
@@ -480,15 +484,15 @@ def twin_and_ascend_cells(path, scheme_wanted: str):
     """(name, CPU twin, Ascend cell) of every linear of one scheme, built from the stored tensors; of the routed
     experts only expert 0's."""
     tensors, labels, _ = stored(path)
-    label = {v: k for k, v in DESCRIPTION_TO_SCHEME.items()}[scheme_wanted]
+    label = schemes.SCHEME_TO_LABEL[scheme_wanted]
     for owner, (scheme, local) in quantized_owners(tensors, labels).items():
         if scheme == scheme_wanted and not re.search(r"\.experts\.[1-9]", owner):
             yield owner, cell_from_tensors(label, local, owner), cell_from_tensors(label, local, owner, "ascend")
 
 
-@pytest.mark.parametrize("recipe,scheme", [("deepseek-r1-w8a8-dynamic", "w8a8-dynamic"),
-                                           ("deepseek-r1-w8a16", "w8a16"),
-                                           ("deepseek-r1-w8a8-smoothquant", "w8a8-static")])
+@pytest.mark.parametrize("recipe,scheme", [("deepseek-r1-w8a8-dynamic", schemes.W8A8_DYNAMIC),
+                                           ("deepseek-r1-w8a16", schemes.W8A16),
+                                           ("deepseek-r1-w8a8-smoothquant", schemes.W8A8_STATIC)])
 def test_emulated_cell_equals_cpu_twin_on_bf16_inputs(checkpoints, recipe, scheme):
     """On bf16-exact inputs the integer codes are identical, so the outputs differ by the bf16 output rounding only."""
     rng = np.random.RandomState(3)
@@ -509,7 +513,8 @@ def test_static_cell_with_beta_adds_it_before_quant_v2(checkpoints):
     """OS+ beta goes in before QuantV2 (MindFormers' modelslim branch). Ascend adds it in bf16, the twin in fp32,
     so a code can move by one where (x + beta) / input_scale sits near a rounding boundary."""
     rng = np.random.RandomState(4)
-    cells = [c for c in twin_and_ascend_cells(checkpoints("deepseek-r1-w8a8-mixed"), "w8a8-static") if c[2].has_beta]
+    mixed = checkpoints("deepseek-r1-w8a8-mixed")
+    cells = [c for c in twin_and_ascend_cells(mixed, schemes.W8A8_STATIC) if c[2].has_beta]
     assert cells and all(o.endswith("o_proj") for o, _, _ in cells)
     for owner, twin, cell in cells:
         x = bf16_exact(rng, (16, cell.in_features), scale=3.0)
@@ -539,7 +544,7 @@ def test_grouped_experts_match_the_per_expert_loop(checkpoints):
         for expert in moe_loop.experts:  # the grouped static scale is bf16 (GroupedMatmulV4); give the loop the same
             for proj in ascend.PROJECTIONS:
                 cell = getattr(expert, proj)
-                if cell.scheme == "w8a8-static":
+                if cell.scheme == schemes.W8A8_STATIC:
                     cell.deq_scale.set_data(Tensor(values(cell.deq_scale.asnumpy().astype(BF16))))
         x = Tensor(bf16_exact(rng, (1, 24, loop_net.config.hidden_size)))
         with emulated(loop_net), emulated(grouped_net):
@@ -566,6 +571,22 @@ def test_fp16_compute_packs_deq_scale_as_int64():
         np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), bf16_cell(Tensor(x)).asnumpy(), rtol=2 ** -7)
 
 
+def test_the_scheme_registry_names_these_cells():
+    """goldstick.quant.schemes resolves each quantized scheme to the cells above, whose scheme and label are its."""
+    assert set(EXPECTED) == set(schemes.QUANTIZED)
+    for name, (dense, grouped, _, _) in EXPECTED.items():
+        spec = schemes.SCHEMES[name]
+        cpu = spec.cpu_cell_class()
+        assert spec.ascend_cell_class() is dense and spec.ascend_grouped_cell_class() is grouped
+        assert cpu.__module__ == "goldstick.quant.cells"
+        assert dense.scheme == grouped.scheme == cpu.scheme == name
+        assert dense.description == grouped.description == cpu.description == spec.label
+    with pytest.raises(ValueError, match="no CPU cell for scheme 'float'"):
+        schemes.SCHEMES[schemes.FLOAT].cpu_cell_class()
+    # every stored tensor has one dtype whatever its scheme: the one the dense cells hold with bf16 compute
+    assert schemes.mindspore_dtypes() == {k: np.dtype(v) for k, v in DENSE_DTYPES.items()}
+
+
 def test_contract_violations_name_the_tensor():
     w = np.zeros((4, 6), np.int8)
     with pytest.raises(ValueError, match=r"q\.weight_scale: shape \(5,\), expected \(4,\)"):
@@ -575,7 +596,8 @@ def test_contract_violations_name_the_tensor():
     with pytest.raises(ValueError, match="no Ascend cell"):
         ascend.ascend_cell_from_tensors("fp8", {"weight": w}, "q")
     with pytest.raises(ValueError, match="q: a w8a16 linear has no tensor smooth_scale"):
-        ascend.ascend_cell_from_tensors("w8a16", {"weight": w, "weight_scale": np.ones(4), "smooth_scale": 1}, "q")
+        ascend.ascend_cell_from_tensors(schemes.W8A16, {"weight": w, "weight_scale": np.ones(4), "smooth_scale": 1},
+                                        "q")
     # msModelSlim's [oc, 1] scales are accepted as [oc]
     cell = ascend.AscendW8A16Linear(w, np.ones((4, 1), np.float32), name="q")
     assert cell.weight_scale.shape == (4,) and cell.weight_scale.dtype == ms.bfloat16

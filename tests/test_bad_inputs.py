@@ -17,25 +17,25 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
-
-import goldstick
-from goldstick.evaluation.ceval import CEvalError, load_ceval, run_ceval
-from goldstick.io.checkpoint import CheckpointError, CheckpointReader
-from goldstick.cli import main as cli
-from goldstick.model.config import ConfigError
-from goldstick.errors import GoldstickError, TokenizerError
-from goldstick.serve.generate import Generator
-from goldstick.testing.make_model import default_model_path
-from goldstick.quant.recipe import RecipeError, load_recipe
-
 from ckpt_factory import shard_name, small_config, write_checkpoint
 from test_checkpoint import BREAKERS, INDEX, rewrite_shard, shard_of
+
+import goldstick
+from goldstick.cli import main as cli
+from goldstick.errors import GoldstickError, TokenizerError
+from goldstick.evaluation.ceval_data import CEvalError, load_ceval
+from goldstick.evaluation.ceval_run import run_ceval
+from goldstick.io.checkpoint import CheckpointError, CheckpointReader
+from goldstick.model.config import ConfigError
+from goldstick.quant.recipe import RecipeError, load_recipe
+from goldstick.serve.generate import Generator
+from goldstick.testing.make_model import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 CEVAL_FIXTURE = REPO / "tests" / "fixtures" / "ceval"
@@ -139,8 +139,8 @@ def checkpoint_case(breaker) -> Callable[[Path], Case]:
 
 # ---- weights with NaN / Inf (a copy of the default model: these need its tokenizer and calibration) -------------
 def nonfinite_case(name: str, value: float, index: tuple[int, int], stream: bool = False) -> Callable[[Path], Case]:
-    """A data-free recipe without calibration options takes the streaming path (goldstick.engine.stream), with calibration
-    options the layer path (goldstick.engine.pipeline): both must refuse, with the same error."""
+    """A data-free recipe without calibration options takes the streaming path (goldstick.engine.stream), with
+    calibration options the layer path (goldstick.engine.pipeline): both must refuse, with the same error."""
     def make(tmp: Path) -> Case:
         model = tiny_copy(tmp)
         file = shard_of(model, name)

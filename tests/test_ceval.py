@@ -12,9 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from goldstick.evaluation import ceval as ce
-from goldstick.evaluation import ceval_report as ca
+from goldstick.evaluation import ceval_data as cd
+from goldstick.evaluation import ceval_overlap as co
+from goldstick.evaluation import ceval_report as cr
+from goldstick.evaluation import ceval_run as crun
+from goldstick.evaluation import ceval_scoring as cs
+from goldstick.evaluation import ceval_stats as cst
 from goldstick.evaluation.ceval_jobs import JobError, load_job
+from goldstick.quant.numerics import log_softmax
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "ceval"
@@ -24,33 +29,33 @@ needs_real = pytest.mark.skipif(not REAL, reason="set GOLDSTICK_CEVAL_DIR to a f
 
 # ---- subjects ----------------------------------------------------------------------------------------------------
 def test_subject_table():
-    assert len(ce.SUBJECTS) == 52
-    counts = {c: len(ce.subjects_in(c)) for c in ce.CATEGORIES}
+    assert len(cd.SUBJECTS) == 52
+    counts = {c: len(cd.subjects_in(c)) for c in cd.CATEGORIES}
     assert counts == {"STEM": 20, "Social Science": 10, "Humanities": 11, "Other": 11}
-    assert len(ce.HARD) == 8 and all(ce.SUBJECTS[h].category == "STEM" for h in ce.HARD)
-    assert ce.SUBJECTS["computer_network"].chinese == "计算机网络"
-    assert ce.SUBJECTS["high_school_physics"].hard and not ce.SUBJECTS["high_school_biology"].hard
+    assert len(cd.HARD) == 8 and all(cd.SUBJECTS[h].category == "STEM" for h in cd.HARD)
+    assert cd.SUBJECTS["computer_network"].chinese == "计算机网络"
+    assert cd.SUBJECTS["high_school_physics"].hard and not cd.SUBJECTS["high_school_biology"].hard
 
 
 def test_select_subjects():
-    available = ce.available_subjects(FIXTURE, "val")
+    available = cd.available_subjects(FIXTURE, "val")
     assert available == ["computer_network", "high_school_mathematics", "middle_school_geography",
                          "modern_chinese_history", "basic_medicine"]
-    assert ce.select_subjects(None, available) == available
-    assert ce.select_subjects("stem", available) == ["computer_network", "high_school_mathematics"]
-    assert ce.select_subjects("hard,social_science", available) == ["high_school_mathematics",
+    assert cd.select_subjects(None, available) == available
+    assert cd.select_subjects("stem", available) == ["computer_network", "high_school_mathematics"]
+    assert cd.select_subjects("hard,social_science", available) == ["high_school_mathematics",
                                                                     "middle_school_geography"]
-    assert ce.select_subjects(["Other", "computer_network"], available) == ["computer_network", "basic_medicine"]
-    with pytest.raises(ce.CEvalError, match="not in the data"):
-        ce.select_subjects("law", available)
-    with pytest.raises(ce.CEvalError, match="unknown subject or category"):
-        ce.select_subjects("astrology", available)
+    assert cd.select_subjects(["Other", "computer_network"], available) == ["computer_network", "basic_medicine"]
+    with pytest.raises(cd.CEvalError, match="not in the data"):
+        cd.select_subjects("law", available)
+    with pytest.raises(cd.CEvalError, match="unknown subject or category"):
+        cd.select_subjects("astrology", available)
 
 
 # ---- loader ------------------------------------------------------------------------------------------------------
 def test_load_fixture_reads_strings_and_normalises_line_ends():
-    data = ce.load_ceval(FIXTURE, "val", shots=5)
-    assert data.subjects == ce.available_subjects(FIXTURE, "val")
+    data = cd.load_ceval(FIXTURE, "val", shots=5)
+    assert data.subjects == cd.available_subjects(FIXTURE, "val")
     assert len(data.questions()) == 30 and all(len(v) == 5 for v in data.dev.values())
     for q in data.questions() + [d for rows in data.dev.values() for d in rows]:
         assert all(isinstance(x, str) for x in (q.id, q.question, q.answer, q.explanation, *q.options))
@@ -67,8 +72,8 @@ def test_load_fixture_reads_strings_and_normalises_line_ends():
     # the line on which each row starts, counting the multi-line record
     assert [q.line for q in math] == [2, 3, 4, 5, 6, 7]
     assert set(data.files) >= {str(FIXTURE / "val" / "computer_network_val.csv")}
-    assert ce.load_ceval(FIXTURE, "val", limit=2).questions()[1].id == "1"
-    assert len(ce.load_ceval(FIXTURE, "val", limit=2).questions()) == 10
+    assert cd.load_ceval(FIXTURE, "val", limit=2).questions()[1].id == "1"
+    assert len(cd.load_ceval(FIXTURE, "val", limit=2).questions()) == 10
 
 
 def _write(path: Path, text: str) -> Path:
@@ -79,21 +84,21 @@ def _write(path: Path, text: str) -> Path:
 
 def test_loader_errors_name_file_and_line(tmp_path):
     bad = _write(tmp_path / "val" / "logic_val.csv", "id,question,A,B,C,D\n0,q,a,b,c,d\n")
-    with pytest.raises(ce.CEvalError, match=r"logic_val\.csv:1: missing column\(s\) answer"):
-        ce.read_csv(bad)
+    with pytest.raises(cd.CEvalError, match=r"logic_val\.csv:1: missing column\(s\) answer"):
+        cd.read_csv(bad)
     bad = _write(tmp_path / "val" / "law_val.csv",
                  'id,question,A,B,C,D,answer\n0,"two\nlines",a,b,c,d,A\n1,q,a,b,c,d,E\n')
-    with pytest.raises(ce.CEvalError, match=r"law_val\.csv:4: answer 'E' is not one of A, B, C, D"):
-        ce.read_csv(bad)
+    with pytest.raises(cd.CEvalError, match=r"law_val\.csv:4: answer 'E' is not one of A, B, C, D"):
+        cd.read_csv(bad)
     bad = _write(tmp_path / "val" / "marxism_val.csv", "id,question,A,B,C,D,answer\n0,q,a,b,c,A\n")
-    with pytest.raises(ce.CEvalError, match=r"marxism_val\.csv:2: 6 fields, the header has 7"):
-        ce.read_csv(bad)
+    with pytest.raises(cd.CEvalError, match=r"marxism_val\.csv:2: 6 fields, the header has 7"):
+        cd.read_csv(bad)
     _write(tmp_path / "val" / "not_a_subject_val.csv", "id,question,A,B,C,D,answer\n")
-    with pytest.raises(ce.CEvalError, match="unknown subject"):
-        ce.load_ceval(tmp_path, "val")
-    with pytest.raises(ce.CEvalError, match="not found"):
-        ce.load_ceval(tmp_path / "nowhere", "val")
-    test_rows = ce.read_csv(_write(tmp_path / "test" / "law_test.csv", "id,question,A,B,C,D\n0,q,a,b,c,d\n"))
+    with pytest.raises(cd.CEvalError, match="unknown subject"):
+        cd.load_ceval(tmp_path, "val")
+    with pytest.raises(cd.CEvalError, match="not found"):
+        cd.load_ceval(tmp_path / "nowhere", "val")
+    test_rows = cd.read_csv(_write(tmp_path / "test" / "law_test.csv", "id,question,A,B,C,D\n0,q,a,b,c,d\n"))
     assert test_rows[0].answer == ""
 
 
@@ -114,18 +119,18 @@ FIVE_SHOT = (
 
 
 def test_prompt_matches_the_official_template_byte_for_byte():
-    data = ce.load_ceval(FIXTURE, "val", subjects="computer_network", shots=5)
+    data = cd.load_ceval(FIXTURE, "val", subjects="computer_network", shots=5)
     q = data.items["computer_network"][0]
-    assert ce.build_prompt(q).encode("utf-8") == ZERO_SHOT.encode("utf-8")
-    assert ce.build_prompt(q, data.dev["computer_network"]).encode("utf-8") == FIVE_SHOT.encode("utf-8")
+    assert cd.build_prompt(q).encode("utf-8") == ZERO_SHOT.encode("utf-8")
+    assert cd.build_prompt(q, data.dev["computer_network"]).encode("utf-8") == FIVE_SHOT.encode("utf-8")
     assert "答案：" in ZERO_SHOT and "：" == "\uff1a"  # the full-width colon, no space after it
 
 
 # ---- scoring -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer():
-    from goldstick.testing.make_model import default_model_path
     from goldstick.model.tokenizer import load_tokenizer
+    from goldstick.testing.make_model import default_model_path
 
     return load_tokenizer(default_model_path())
 
@@ -151,9 +156,9 @@ class StubNet:
 
 def test_answer_is_the_argmax_of_the_next_token_letter_logits(tokenizer):
     tok = tokenizer.tokenizer
-    data = ce.load_ceval(FIXTURE, "val")
+    data = cd.load_ceval(FIXTURE, "val")
     questions = data.questions()
-    requests, letters = ce.tokenize_requests(tok, questions, {}, 0, tokenizer.bos_id, max_len=1024)
+    requests, letters = cd.tokenize_requests(tok, questions, {}, 0, tokenizer.bos_id, max_len=1024)
     assert letters == [tok.token_to_id(x) for x in "ABCD"] and all(r.continuations is None for r in requests)
     assert all(r.ids[0] == tokenizer.bos_id and tok.decode(r.ids[1:]).endswith("答案：") for r in requests)
     rng = np.random.default_rng(0)
@@ -163,7 +168,7 @@ def test_answer_is_the_argmax_of_the_next_token_letter_logits(tokenizer):
     table = {tuple(r.ids): chosen[i] for i, r in enumerate(requests)}
     assert len(table) == len(questions)
     net = StubNet(table, letters, vocab=tok.get_vocab_size(), pad_id=2)
-    run = ce.evaluate_network(net, tok, data, 0, tokenizer.bos_id, pad_id=2, max_len=1024, label="stub",
+    run = cs.evaluate_network(net, tok, data, 0, tokenizer.bos_id, pad_id=2, max_len=1024, label="stub",
                               batch_tokens=256, progress=False)
     assert len(net.calls) > 1  # several batches, rows reordered by length
     np.testing.assert_array_equal(run.scores, chosen.astype(np.float64))
@@ -179,8 +184,8 @@ def test_merged_letter_falls_back_to_continuation_likelihood(tokenizer):
     tok = Tokenizer.from_str(tokenizer.tokenizer.to_str())
     tok.add_tokens(["：A", "：B", "：C", "：D"])  # now "答案：A" is 答案 + "：A": the letter is not its own token
     merged = [tok.token_to_id(f"：{x}") for x in "ABCD"]
-    data = ce.load_ceval(FIXTURE, "val", subjects="basic_medicine", limit=2)
-    requests, _ = ce.tokenize_requests(tok, data.questions(), {}, 0, tokenizer.bos_id, max_len=1024)
+    data = cd.load_ceval(FIXTURE, "val", subjects="basic_medicine", limit=2)
+    requests, _ = cd.tokenize_requests(tok, data.questions(), {}, 0, tokenizer.bos_id, max_len=1024)
     assert all(r.continuations == [[m] for m in merged] for r in requests)
     vocab = tok.get_vocab_size()
     weights = np.random.default_rng(1).normal(size=(vocab, vocab)).astype(np.float32)
@@ -189,43 +194,43 @@ def test_merged_letter_falls_back_to_continuation_likelihood(tokenizer):
         def __call__(self, ids, mask):
             return weights[ids.asnumpy()]
 
-    run = ce.evaluate_network(TableNet(), tok, data, 0, tokenizer.bos_id, max_len=1024, progress=False)
+    run = cs.evaluate_network(TableNet(), tok, data, 0, tokenizer.bos_id, max_len=1024, progress=False)
     for i, r in enumerate(requests):
-        lp = ca.log_softmax(weights[r.ids[-1]].astype(np.float64))
+        lp = log_softmax(weights[r.ids[-1]].astype(np.float64))
         np.testing.assert_allclose(run.scores[i], lp[merged], rtol=1e-6)
 
 
 def test_shared_prefix_scores_equal_whole_prompt_scores(tokenizer):
     """Prefilling a subject's header and shots once, then each question on a copy of that cache, gives the scores of
     running every prompt whole (to float rounding) and the same answers."""
-    from goldstick.testing.make_model import default_model_path
     from goldstick.io.loader import load_model
+    from goldstick.testing.make_model import default_model_path
 
     tok = tokenizer.tokenizer
-    data = ce.load_ceval(FIXTURE, "val", subjects="computer_network,basic_medicine", shots=5)
-    requests, letters = ce.tokenize_requests(tok, data.questions(), data.dev, 5, tokenizer.bos_id, max_len=None)
-    plans = ce.shared_prefixes(requests)
+    data = cd.load_ceval(FIXTURE, "val", subjects="computer_network,basic_medicine", shots=5)
+    requests, letters = cd.tokenize_requests(tok, data.questions(), data.dev, 5, tokenizer.bos_id, max_len=None)
+    plans = cs.shared_prefixes(requests)
     assert set(plans) == {"computer_network/5", "basic_medicine/5"}
     for rows, length in plans.values():
         prompts = [requests[r].ids for r in rows]
         assert all(p[:length] == prompts[0][:length] for p in prompts) and all(len(p) > length for p in prompts)
         assert length > 0.5 * min(len(p) for p in prompts)  # five shots: most of each prompt is shared
     net = load_model(default_model_path())
-    shared = ce.score_requests(net, requests, letters, batch_tokens=600, progress=False, share_prefix=True)
-    whole = ce.score_requests(net, requests, letters, batch_tokens=600, progress=False, share_prefix=False)
+    shared = cs.score_requests(net, requests, letters, batch_tokens=600, progress=False, share_prefix=True)
+    whole = cs.score_requests(net, requests, letters, batch_tokens=600, progress=False, share_prefix=False)
     assert np.abs(shared - whole).max() <= 1e-5 * np.abs(whole).max()
     np.testing.assert_array_equal(shared.argmax(1), whole.argmax(1))
 
 
 def test_long_prompts_drop_shots_then_truncate(tokenizer):
     tok = tokenizer.tokenizer
-    data = ce.load_ceval(FIXTURE, "val", subjects="computer_network", limit=1, shots=5)
+    data = cd.load_ceval(FIXTURE, "val", subjects="computer_network", limit=1, shots=5)
     q = data.questions()
-    full, _ = ce.tokenize_requests(tok, q, data.dev, 5, tokenizer.bos_id, max_len=None)
+    full, _ = cd.tokenize_requests(tok, q, data.dev, 5, tokenizer.bos_id, max_len=None)
     limit = len(full[0].ids) - 1
-    fewer, _ = ce.tokenize_requests(tok, q, data.dev, 5, tokenizer.bos_id, max_len=limit)
+    fewer, _ = cd.tokenize_requests(tok, q, data.dev, 5, tokenizer.bos_id, max_len=limit)
     assert fewer[0].shots == 4 and not fewer[0].truncated and len(fewer[0].ids) <= limit
-    cut, _ = ce.tokenize_requests(tok, q, data.dev, 0, tokenizer.bos_id, max_len=10)
+    cut, _ = cd.tokenize_requests(tok, q, data.dev, 0, tokenizer.bos_id, max_len=10)
     assert cut[0].truncated and len(cut[0].ids) == 10 and cut[0].ids[0] == tokenizer.bos_id
     assert tok.decode(cut[0].ids[1:]).endswith("答案：")
 
@@ -235,15 +240,15 @@ def _run(label, questions, predictions, noise=0.0, seed=0):
     scores = np.full((len(questions), 4), -1.0)
     scores[np.arange(len(questions)), predictions] = 1.0
     scores += noise * np.random.default_rng(seed).normal(size=scores.shape)
-    return ce.ModelRun(label=label, path=label, scores=scores, questions=questions)
+    return cs.ModelRun(label=label, path=label, scores=scores, questions=questions)
 
 
 def test_accuracy_summary_macro_and_question_weighted():
-    qs = [ce.Question("computer_network", "val", str(i), "q", ("a", "b", "c", "d"), "A") for i in range(4)]
-    qs += [ce.Question("high_school_mathematics", "val", str(i), "q", ("a", "b", "c", "d"), "A") for i in range(2)]
-    qs += [ce.Question("law", "val", "0", "q", ("a", "b", "c", "d"), "A")]
+    qs = [cd.Question("computer_network", "val", str(i), "q", ("a", "b", "c", "d"), "A") for i in range(4)]
+    qs += [cd.Question("high_school_mathematics", "val", str(i), "q", ("a", "b", "c", "d"), "A") for i in range(2)]
+    qs += [cd.Question("law", "val", "0", "q", ("a", "b", "c", "d"), "A")]
     correct = np.array([1, 1, 1, 0, 0, 0, 1], dtype=bool)
-    s = ce.accuracy_summary(qs, correct)
+    s = cs.accuracy_summary(qs, correct)
     assert s["subjects"] == {"computer_network": 75.0, "high_school_mathematics": 0.0, "law": 100.0}
     assert s["overall"] == pytest.approx((75 + 0 + 100) / 3)
     assert s["overall_question_weighted"] == pytest.approx(400 / 7)
@@ -252,29 +257,29 @@ def test_accuracy_summary_macro_and_question_weighted():
 
 
 def test_mcnemar_known_values():
-    m = ca.mcnemar(10, 2)
+    m = cst.mcnemar(10, 2)
     assert m["p_value"] == pytest.approx(2 * (1 + 12 + 66) / 4096)
     assert m["statistic"] == pytest.approx(49 / 12)
-    assert ca.mcnemar(0, 0)["p_value"] == 1.0
-    assert ca.mcnemar(5, 5)["p_value"] == pytest.approx(1.0)
+    assert cst.mcnemar(0, 0)["p_value"] == 1.0
+    assert cst.mcnemar(5, 5)["p_value"] == pytest.approx(1.0)
 
 
 def _report(float_pred, quant_pred, seed=0, samples=500):
-    data = ce.load_ceval(FIXTURE, "val")
+    data = cd.load_ceval(FIXTURE, "val")
     qs = data.questions()
     runs = [_run("float", qs, float_pred, 0.1, 1), _run("q", qs, quant_pred, 0.1, 2)]
-    requests = [ce.Request(ids=[0], shots=0, truncated=False) for _ in qs]
-    return ca.build_report(data, runs, requests, shots=0, limit=None, max_len=1024, bootstrap_samples=samples,
+    requests = [cd.Request(ids=[0], shots=0, truncated=False) for _ in qs]
+    return cst.build_report(data, runs, requests, shots=0, limit=None, max_len=1024, bootstrap_samples=samples,
                            seed=seed), runs
 
 
 def test_comparison_identical_models_is_exactly_zero():
-    answers = np.array(["ABCD".index(q.answer) for q in ce.load_ceval(FIXTURE, "val").questions()])
-    data = ce.load_ceval(FIXTURE, "val")
+    answers = np.array(["ABCD".index(q.answer) for q in cd.load_ceval(FIXTURE, "val").questions()])
+    data = cd.load_ceval(FIXTURE, "val")
     qs = data.questions()
     run = _run("float", qs, answers, 0.3)
-    same = ce.ModelRun(label="same", path="x", scores=run.scores.copy(), questions=qs)
-    report = ca.build_report(data, [run, same], [ce.Request([0], 0, False)] * len(qs), 0, None, 1024, 300, 0)
+    same = cs.ModelRun(label="same", path="x", scores=run.scores.copy(), questions=qs)
+    report = cst.build_report(data, [run, same], [cd.Request([0], 0, False)] * len(qs), 0, None, 1024, 300, 0)
     c = report["comparisons"]["same"]
     assert c["delta_points"] == 0 and c["delta_ci"] == [0, 0] and c["flip_rate"] == 0
     assert c["flips"]["changed"] == 0 and c["mcnemar"]["p_value"] == 1.0 and c["kl"]["max"] == 0
@@ -282,7 +287,7 @@ def test_comparison_identical_models_is_exactly_zero():
 
 
 def test_comparison_counts_flips_by_direction_and_bootstraps_reproducibly():
-    qs = ce.load_ceval(FIXTURE, "val").questions()
+    qs = cd.load_ceval(FIXTURE, "val").questions()
     answers = np.array(["ABCD".index(q.answer) for q in qs])
     float_pred = answers.copy()
     float_pred[[6, 7]] = (answers[[6, 7]] + 1) % 4  # float wrong on two math questions
@@ -293,7 +298,8 @@ def test_comparison_counts_flips_by_direction_and_bootstraps_reproducibly():
     report, runs = _report(float_pred, quant)
     c = report["comparisons"]["q"]
     assert c["flips"] == {"changed": 5, "correct_to_wrong": 3, "wrong_to_correct": 1, "wrong_to_other_wrong": 1,
-                          "correct_to_wrong_rate": pytest.approx(0.1), "wrong_to_correct_rate": pytest.approx(1 / 30, abs=1e-6)}
+                          "correct_to_wrong_rate": pytest.approx(0.1),
+                          "wrong_to_correct_rate": pytest.approx(1 / 30, abs=1e-6)}
     assert c["flip_rate"] == pytest.approx(5 / 30, abs=1e-6)
     assert c["subjects"]["computer_network"]["delta"] == pytest.approx(-50.0)
     assert c["subjects"]["high_school_mathematics"]["delta"] == pytest.approx(100 / 6, abs=1e-3)
@@ -314,7 +320,7 @@ def test_comparison_counts_flips_by_direction_and_bootstraps_reproducibly():
 
 # ---- report plots and the markdown around them ------------------------------------------------------------------
 def _answers():
-    return np.array(["ABCD".index(q.answer) for q in ce.load_ceval(FIXTURE, "val").questions()])
+    return np.array(["ABCD".index(q.answer) for q in cd.load_ceval(FIXTURE, "val").questions()])
 
 
 def _texts(ax):
@@ -325,11 +331,11 @@ def test_category_and_hard_kl_are_the_mean_over_their_questions():
     answers = _answers()
     report, runs = _report(answers, answers)  # same answers, different noise: every Δ is 0, the KL is not
     c = report["comparisons"]["q"]
-    kl = ca.kl_divergence(runs[0].scores, runs[1].scores)
+    kl = cst.kl_divergence(runs[0].scores, runs[1].scores)
     subjects = [q.subject for q in runs[0].questions]
-    stem = [i for i, s in enumerate(subjects) if ce.SUBJECTS[s].category == "STEM"]
+    stem = [i for i, s in enumerate(subjects) if cd.SUBJECTS[s].category == "STEM"]
     assert c["categories"]["STEM"]["kl_mean"] == pytest.approx(kl[stem].mean(), rel=1e-3)
-    hard = [i for i, s in enumerate(subjects) if s in ce.HARD]
+    hard = [i for i, s in enumerate(subjects) if s in cd.HARD]
     assert c["hard"]["kl_mean"] == pytest.approx(kl[hard].mean(), rel=1e-3)
     assert c["subjects"]["basic_medicine"]["kl_mean"] == pytest.approx(
         kl[[i for i, s in enumerate(subjects) if s == "basic_medicine"]].mean(), rel=1e-3)
@@ -340,8 +346,8 @@ def test_category_and_hard_kl_are_the_mean_over_their_questions():
 def test_no_loss_gives_a_note_not_empty_bars_and_a_kl_plot(tmp_path):
     answers = _answers()
     report, runs = _report(answers, answers)
-    ca.gate_report(report)
-    ca.write_report(report, runs, tmp_path)
+    cst.gate_report(report)
+    cr.write_report(report, runs, tmp_path)
     assert report["plots"] == ["categories.png", "subjects.png", "kl.png"]
     assert all((tmp_path / p).stat().st_size > 0 for p in report["plots"])
     md = (tmp_path / "ceval.md").read_text()
@@ -350,14 +356,14 @@ def test_no_loss_gives_a_note_not_empty_bars_and_a_kl_plot(tmp_path):
     assert "Largest A–D KL (subjects, nats): `" in md and "| KL mean (nats) |" in md
     assert json.loads((tmp_path / "ceval.json").read_text())["plots"] == report["plots"]
 
-    (ax,) = ca.plot_subjects(report).axes
+    (ax,) = cr.plot_subjects(report).axes
     assert "No subject lost accuracy: Δ = 0 in all 5 subjects" in _texts(ax)
     assert not ax.containers and not ax.patches  # no bars at all, not zero-length ones
 
-    fig = ca.plot_categories(report)
+    fig = cr.plot_categories(report)
     assert any("Δ = 0 in every group" in t and "kl.png" in t for t in _texts(fig.axes[1]))
 
-    top, bottom = ca.plot_kl(report).axes
+    top, bottom = cr.plot_kl(report).axes
     c = report["comparisons"]["q"]
     (bars,) = bottom.containers
     drawn = {label.get_text().split(" (")[0]: bar.get_width()
@@ -378,21 +384,21 @@ def test_gains_only_note_and_damaged_bars_only_for_losses():
     float_pred[6] = (answers[6] + 1) % 4
     gained, _ = _report(float_pred, answers)  # math: wrong -> correct; nothing lost
     note = "No subject lost accuracy: Δ ≥ 0 in all 5 subjects (1 gained)"
-    assert ca.no_loss_note(gained["comparisons"]["q"]) == note
-    assert f"Most damaged subjects: none. {note}." in ca.render_markdown(gained)
-    assert note in _texts(ca.plot_subjects(gained).axes[0])
+    assert cr.no_loss_note(gained["comparisons"]["q"]) == note
+    assert f"Most damaged subjects: none. {note}." in cr.render_markdown(gained)
+    assert note in _texts(cr.plot_subjects(gained).axes[0])
 
     quant = float_pred.copy()
     quant[[0, 1]] = (answers[[0, 1]] + 1) % 4  # computer_network loses, math (float wrong on 6) unchanged
     quant[18] = (answers[18] + 1) % 4  # modern_chinese_history loses less
     lost, _ = _report(float_pred, quant)
     c = lost["comparisons"]["q"]
-    assert ca.no_loss_note(c) is None
-    md = ca.render_markdown(lost)
+    assert cr.no_loss_note(c) is None
+    md = cr.render_markdown(lost)
     assert "Most damaged subjects: `computer_network` (-33.3), `modern_chinese_history` (-16.7)\n" in md
     from matplotlib.container import BarContainer
 
-    (ax,) = ca.plot_subjects(lost).axes
+    (ax,) = cr.plot_subjects(lost).axes
     (bars,) = [b for b in ax.containers if isinstance(b, BarContainer)]
     assert [b.get_width() for b in bars.patches] == pytest.approx([-100 / 6, -100 / 3], abs=1e-3)
     assert all(b.get_width() < 0 for b in bars.patches) and not _texts(ax)
@@ -406,8 +412,8 @@ def test_legends_sit_outside_the_axes():
     quant = answers.copy()
     quant[[0, 1, 2]] = (answers[[0, 1, 2]] + 1) % 4
     report, _ = _report(answers, quant)
-    ca.gate_report(report)
-    for fig in (ca.plot_categories(report), ca.plot_kl(report)):
+    cst.gate_report(report)
+    for fig in (cr.plot_categories(report), cr.plot_kl(report)):
         FigureCanvasAgg(fig).draw()
         assert all(ax.get_legend() is None for ax in fig.axes)
         (legend,) = fig.legends
@@ -417,20 +423,20 @@ def test_legends_sit_outside_the_axes():
             assert not box.overlaps(ax.title.get_window_extent())
         labels = [t.get_text() for t in legend.get_texts()]
         assert "q" in labels
-    labels = [t.get_text() for t in ca.plot_categories(report).legends[0].get_texts()]
+    labels = [t.get_text() for t in cr.plot_categories(report).legends[0].get_texts()]
     assert labels == ["float", "q", "chance (25)", "allowed drop"]
 
 
 def test_identical_models_kl_plot_says_zero():
     answers = _answers()
-    data = ce.load_ceval(FIXTURE, "val")
+    data = cd.load_ceval(FIXTURE, "val")
     run = _run("float", data.questions(), answers, 0.3)
-    same = ce.ModelRun(label="same", path="x", scores=run.scores.copy(), questions=run.questions)
-    report = ca.build_report(data, [run, same], [ce.Request([0], 0, False)] * len(answers), 0, None, 1024, 100, 0)
-    top, bottom = ca.plot_kl(report).axes
+    same = cs.ModelRun(label="same", path="x", scores=run.scores.copy(), questions=run.questions)
+    report = cst.build_report(data, [run, same], [cd.Request([0], 0, False)] * len(answers), 0, None, 1024, 100, 0)
+    top, bottom = cr.plot_kl(report).axes
     assert not top.containers and not bottom.containers
     assert "KL = 0 in every subject: the A–D distributions are identical" in _texts(bottom)
-    assert any("KL = 0" in t for t in _texts(ca.plot_categories(report).axes[1]))
+    assert any("KL = 0" in t for t in _texts(cr.plot_categories(report).axes[1]))
 
 
 def _fake(delta, ci):
@@ -449,7 +455,7 @@ def _fake(delta, ci):
 ])
 def test_gate_rules(delta, ci, rule, passed):
     report = _fake(delta, ci)
-    gate = ca.gate_report(report, 2.0, rule)
+    gate = cst.gate_report(report, 2.0, rule)
     assert gate["passed"] is passed and report["gate"] is gate
     assert gate["candidates"]["q"]["drop_points"] == pytest.approx(-delta)
 
@@ -457,38 +463,38 @@ def test_gate_rules(delta, ci, rule, passed):
 def test_gate_fails_on_overlap_when_asked():
     report = _fake(0.0, [0.0, 0.0])
     report["overlap"] = {"q": {"status": "overlap"}}
-    assert ca.gate_report(report, 2.0)["passed"]
-    assert not ca.gate_report(report, 2.0, overlap_fails=True)["passed"]
+    assert cst.gate_report(report, 2.0)["passed"]
+    assert not cst.gate_report(report, 2.0, overlap_fails=True)["passed"]
 
 
 # ---- overlap guard -----------------------------------------------------------------------------------------------
 def test_overlap_guard(tmp_path, tokenizer):
-    data = ce.load_ceval(FIXTURE, "val", shots=5)
+    data = cd.load_ceval(FIXTURE, "val", shots=5)
     shipped = REPO / "calibration" / "mixed-zh-en.jsonl"
-    clean = ca.check_overlap({"source": str(shipped), "sha256": None}, data, tokenizer.tokenizer)
+    clean = co.check_overlap({"source": str(shipped), "sha256": None}, data, tokenizer.tokenizer)
     assert clean["status"] == "clean" and clean["question_matches"] == 0
     q = data.items["modern_chinese_history"][2]
     calib = tmp_path / "calib.jsonl"
     calib.write_text(json.dumps({"text": "随便一段文字。"}, ensure_ascii=False) + "\n"
-                     + json.dumps({"text": ce.build_prompt(q) + "B"}, ensure_ascii=False) + "\n", encoding="utf-8")
-    hit = ca.check_overlap({"source": str(calib)}, data, tokenizer.tokenizer)
+                     + json.dumps({"text": cd.build_prompt(q) + "B"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    hit = co.check_overlap({"source": str(calib)}, data, tokenizer.tokenizer)
     assert hit["status"] == "overlap" and hit["question_matches"] == 1
     assert hit["examples"] == ["modern_chinese_history/val/2"]
-    banner = ca.overlap_banner("quant", hit)
+    banner = co.overlap_banner("quant", hit)
     assert "OVERLAP" in banner and "modern_chinese_history/val/2" in banner
     val_file = FIXTURE / "val" / "basic_medicine_val.csv"
     digest = hashlib.sha256(val_file.read_bytes()).hexdigest()
-    same = ca.check_overlap({"source": "/elsewhere/moved.csv", "sha256": digest}, data)
+    same = co.check_overlap({"source": "/elsewhere/moved.csv", "sha256": digest}, data)
     assert same["status"] == "overlap" and same["same_file"] == [str(val_file.resolve())]
-    folder = ca.check_overlap({"source": str(FIXTURE)}, data)
+    folder = co.check_overlap({"source": str(FIXTURE)}, data)
     assert folder["status"] == "overlap" and len(folder["same_file"]) == 5 and folder["question_matches"] == 30
-    assert ca.check_overlap({"source": "somebody/ceval-calib"}, data)["status"] == "overlap"
-    assert ca.check_overlap({"source": "/no/such/file.jsonl"}, data)["status"] == "unchecked"
-    assert ca.check_overlap(None, data)["status"] == "none"
+    assert co.check_overlap({"source": "somebody/ceval-calib"}, data)["status"] == "overlap"
+    assert co.check_overlap({"source": "/no/such/file.jsonl"}, data)["status"] == "unchecked"
+    assert co.check_overlap(None, data)["status"] == "none"
     shots = tmp_path / "shots.jsonl"
     shots.write_text(json.dumps({"text": data.dev["basic_medicine"][0].question},
                                 ensure_ascii=False) + "\n", encoding="utf-8")
-    info = ca.check_overlap({"source": str(shots)}, data)
+    info = co.check_overlap({"source": str(shots)}, data)
     assert info["status"] == "clean" and info["shot_matches"] == 1
 
 
@@ -534,7 +540,7 @@ def test_job_reports_overlap_loudly_and_fails_when_asked(tmp_path, float_dir, ca
     quant.mkdir()
     for f in float_dir.iterdir():
         (quant / f.name).symlink_to(f)
-    question = ce.load_ceval(FIXTURE, "val", subjects="middle_school_geography").questions()[3]
+    question = cd.load_ceval(FIXTURE, "val", subjects="middle_school_geography").questions()[3]
     calib = quant / "calib.jsonl"  # a relative source resolves against the checkpoint folder too
     calib.write_text(json.dumps({"text": "复习题：" + question.question}, ensure_ascii=False) + "\n", encoding="utf-8")
     (quant / "report.json").write_text(json.dumps({"calibration": {"source": "calib.jsonl", "sha256": None}}))
@@ -593,10 +599,10 @@ def test_job_validation(tmp_path):
 # ---- the real C-Eval data (optional) -----------------------------------------------------------------------------
 @needs_real
 def test_real_data_loads():
-    val = ce.load_ceval(REAL, "val", shots=5)
+    val = cd.load_ceval(REAL, "val", shots=5)
     assert len(val.items) == 52 and len(val.questions()) == 1346
     assert sum(len(v) for v in val.dev.values()) == 260
-    assert sum(len(v) for k, v in val.items.items() if k in ce.HARD) == 152
+    assert sum(len(v) for k, v in val.items.items() if k in cd.HARD) == 152
     assert all("\r" not in q.question for q in val.questions())
     import csv
 
@@ -608,7 +614,7 @@ def test_real_data_loads():
 @needs_real
 @pytest.mark.slow
 def test_real_val_float_against_itself(tmp_path, float_dir):
-    report = ce.run_ceval(float_dir, [("again", str(float_dir))], data=REAL, split="val", shots=0,
+    report = crun.run_ceval(float_dir, [("again", str(float_dir))], data=REAL, split="val", shots=0,
                           out=tmp_path, bootstrap_samples=500, progress=False, plots=False)
     f = report["models"]["float"]
     assert f["n_subjects"] == 52 and f["n_questions"] == 1346

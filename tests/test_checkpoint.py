@@ -12,12 +12,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from ckpt_factory import CROSS_SHARD_WEIGHT, is_fp8_linear, shard_name, small_config, write_checkpoint
 from safetensors.numpy import load_file, save_file
 
 from goldstick.io.checkpoint import CheckpointError, CheckpointReader
 from goldstick.quant.fp8 import FP8, quantize_fp8_blocks
-
-from ckpt_factory import CROSS_SHARD_WEIGHT, is_fp8_linear, shard_name, small_config, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 INDEX = "model.safetensors.index.json"
@@ -291,7 +290,8 @@ def unreadable_dtype(d):
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + header_len])
     header[name]["dtype"] = "U32"  # same size, but not a dtype goldstick reads
-    text = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)  # keep the length so the data offsets still hold
+    # keep the length so the data offsets still hold
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
     assert len(text) == header_len
     path.write_bytes(data[:8] + text + data[8 + header_len:])
     return [shard_of(d, name), name, "U32"]

@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from goldstick import cli
-from goldstick.model.config import ModelConfig
 from goldstick.errors import EXIT_INPUT_ERROR
 from goldstick.io.export import COMPRESSED_TENSORS, ExportError, check_plan, exportable_recipes
-from goldstick.testing.make_model import default_model_path
+from goldstick.model.config import ModelConfig
 from goldstick.quant.recipe import load_recipe, shipped_recipes
+from goldstick.testing.make_model import default_model_path
 
 
 def _subcommands() -> list[str]:

@@ -13,14 +13,14 @@ import textwrap
 
 import numpy as np
 import pytest
+from small_configs import small_config
 
 import goldstick
-from goldstick.io.checkpoint import CheckpointReader
 from goldstick.engine.pipeline import quantize
+from goldstick.io.checkpoint import CheckpointReader
 from goldstick.quant.numerics import bf16_round
-from goldstick.testing.make_model import default_model_path
 from goldstick.quant.recipe import Recipe, RecipeError, Rule, Scheme, load_recipe
-from small_configs import small_config
+from goldstick.testing.make_model import default_model_path
 
 RECIPE = "deepseek-w8a8-dynamic-smoothquant"
 FAST = dict(calib_samples=8, calib_seq_len=64, progress=False)

@@ -25,14 +25,24 @@ import numpy as np
 import pytest
 
 import goldstick
-from goldstick.io.checkpoint import CheckpointReader
 from goldstick.cli import main as cli
-from goldstick.io.export import (COMPRESSED_TENSORS, CT_SCHEMES, ExportError, check_plan, ct_targets,
-                              export_checkpoint, open_source, pack_int8, summarize_names, unpack_int8)
-from goldstick.io.files import sha256_file
-from goldstick.testing.make_model import default_model_path
 from goldstick.engine.pipeline import quantize
+from goldstick.io.checkpoint import CheckpointReader
+from goldstick.io.export import (
+    COMPRESSED_TENSORS,
+    ExportError,
+    check_plan,
+    ct_targets,
+    export_checkpoint,
+    open_source,
+    pack_int8,
+    summarize_names,
+    unpack_int8,
+)
+from goldstick.io.files import sha256_file
+from goldstick.quant import schemes
 from goldstick.quant.recipe import Recipe, Rule, Scheme, load_recipe
+from goldstick.testing.make_model import default_model_path
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FAST = dict(calib_samples=2, calib_seq_len=16, progress=False)
@@ -441,13 +451,13 @@ def test_compressed_tensors_library_reads_it(exported, recipe):
         if not entry.scheme.quantized:
             assert scheme is None, entry.name
             continue
-        want = CT_SCHEMES[entry.scheme.name]
+        want = schemes.SCHEMES[entry.scheme.name].compressed_tensors
         acts = scheme.input_activations
-        assert scheme.format == want["format"], entry.name
-        assert (acts is None) == (want["input_activations"] is None), entry.name
+        assert scheme.format == want.format, entry.name
+        assert (acts is None) == (want.input_activations is None), entry.name
         if acts is not None:
-            assert acts.strategy == want["input_activations"]["strategy"] and acts.dynamic == \
-                want["input_activations"]["dynamic"] and acts.symmetric == want["input_activations"]["symmetric"]
+            assert acts.strategy == want.input_activations["strategy"] and acts.dynamic == \
+                want.input_activations["dynamic"] and acts.symmetric == want.input_activations["symmetric"]
     compressor = ModelCompressor(quantization_config=qconfig)
     compressor.compress_model(root)
     expected = root.state_dict()

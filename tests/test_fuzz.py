@@ -3,7 +3,7 @@
 Targets: the safetensors header reader, the FP8 block decoder, the recipe parser, the C-Eval CSV loader. "Never
 another exception, a hang or a memory blow-up": each property runs a bounded number of examples with a deadline per
 example, derandomized (the same examples on every run, no example database written), so the file is reproducible
-and stays well under a minute.
+and its run time bounded.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from small_configs import small_config
 
-from goldstick.evaluation.ceval import CEvalError, read_csv
+from goldstick.evaluation.ceval_data import CEvalError, read_csv
 from goldstick.io.checkpoint import MAX_HEADER_BYTES, CheckpointError, read_safetensors_header
+from goldstick.io.writer import write_safetensors
 from goldstick.quant.fp8 import FP8, dequantize_fp8_blocks, scale_grid_shape
 from goldstick.quant.recipe import Recipe, RecipeError, load_recipe
-from goldstick.io.writer import write_safetensors
-
-from small_configs import small_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",

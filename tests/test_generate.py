@@ -10,11 +10,17 @@ import pytest
 from mindspore import Tensor
 
 from goldstick.cli import main as cli
-from goldstick.serve.generate import (Generator, SamplingParams, apply_repetition_penalty, choose_token,
-                                greedy_generate, sampling_filter)
-from goldstick.testing.make_model import default_model_path
-from goldstick.quant.cells import DynamicW8A8Linear, replace_cell
 from goldstick.engine.pipeline import quantize
+from goldstick.quant.cells import DynamicW8A8Linear, replace_cell
+from goldstick.serve.generate import (
+    Generator,
+    SamplingParams,
+    apply_repetition_penalty,
+    choose_token,
+    greedy_generate,
+    sampling_filter,
+)
+from goldstick.testing.make_model import default_model_path
 
 TOLERANCE = 1e-4
 PROMPTS = ["I love Beijing, because", "我爱北京"]  # different lengths: the batch is left-padded

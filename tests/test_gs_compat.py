@@ -6,11 +6,11 @@ import enum
 import textwrap
 
 import pytest
+from small_configs import small_config
 
 from goldstick.model.config import ModelConfig
-from goldstick.quant.gs_compat import from_golden_stick, gs_cell_names, linear_kind, translate_config, GSConfig
+from goldstick.quant.gs_compat import GSConfig, from_golden_stick, gs_cell_names, linear_kind, translate_config
 from goldstick.quant.recipe import RecipeError, Scheme, load_recipe
-from small_configs import small_config
 
 FFN = r".*\.feed_forward\..*"
 FFN_DYNAMIC = {"weight_quant_dtype": "int8", "act_quant_dtype": "int8", "outliers_suppression": "NONE",

@@ -1,6 +1,6 @@
 """goldstick.quant.kernels: the fused numba kernels give the numpy reference's values exactly.
 
-The reference is what the streaming path computed before the kernels (and still computes without numba):
+The reference is the numpy code the streaming path runs without numba:
 ``numerics.quantize_weight`` (its numpy loop) on ``stream.decode_fp8``'s float32 values, and ``astype(bfloat16)`` of
 those values for the float tensors.
 """
@@ -14,10 +14,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from goldstick.quant import kernels
-from goldstick.quant.numerics import quantize_weight
-from goldstick.quant.fp8 import FP8_TO_F32
 from goldstick.engine.stream import decode_fp8
+from goldstick.quant import kernels
+from goldstick.quant.fp8 import FP8_TO_F32
+from goldstick.quant.numerics import quantize_weight
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
 

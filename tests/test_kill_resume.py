@@ -1,4 +1,4 @@
-"""Crash and resume with real kills (issue 7, part 2).
+"""Crash and resume with real kills.
 
 `goldstick quantize` runs as a subprocess on the embedded 4-layer model with a 2 MiB shard cap (9 shards). It is
 SIGKILLed at seeded random points of its own progress, and inside two writes forced by the GOLDSTICK_TEST_STALL hook
@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from goldstick.engine.pipeline import WORK_DIR, QuantizeError, quantize
+from goldstick.engine.pipeline import QuantizeError, quantize
+from goldstick.io.rundir import WORK_DIR
 from goldstick.testing.make_model import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,9 @@ PROBE = r'''
 import functools, os, runpy, sys, time
 from pathlib import Path
 
+import goldstick.engine.layer as layer
 import goldstick.engine.pipeline as engine
+import goldstick.io.rundir as rundir
 import goldstick.io.writer as writer
 
 LOG = os.environ.get("GOLDSTICK_TEST_PROBE_LOG")
@@ -106,7 +109,7 @@ def probe_model():  # goldstick.model.network imports MindSpore: wrapped once th
         model_probed.append(True)
 
 
-LQ = engine.LayerQuantizer
+LQ = layer.LayerQuantizer
 original_init = LQ.__init__
 
 
@@ -120,7 +123,7 @@ def init(self, cfg, layer_index, *args, **kwargs):
 
 LQ.__init__ = init
 probe(LQ, "observe", phase="float pass")
-probe(engine.RunningStats, "update")
+probe(layer.RunningStats, "update")
 probe(LQ, "quantize", phase="quantize")
 for name in ("_set_float", "_set_weight_quant", "_set_dynamic_smoothed", "_set_static"):
     probe(LQ, name, detail=lambda args: args[1])
@@ -134,7 +137,8 @@ probe(writer.PlannedShardWriter, "open")
 probe(writer.PlannedShardWriter, "write", detail=lambda args: args[1])
 probe(writer.PlannedShardWriter, "close")
 probe(engine, "write_checkpoint_metadata", phase="metadata")
-probe(engine, "_write_manifest")
+probe(engine, "write_manifest")
+probe(rundir, "write_json_atomic", detail=file_name)
 runpy.run_module("goldstick.cli", run_name="__main__", alter_sys=True)
 '''
 
@@ -405,7 +409,7 @@ def test_damaged_work_files_are_not_trusted(tmp_path):
 
     cases = [("layer-00001.safetensors", cut, "has .* bytes, state.json recorded"),
              ("layer-00000.safetensors", flip, "does not match the sha256"),
-             ("hidden.npz", flip, "does not match the sha256"),
+             ("hidden-00001.npz", flip, "does not match the sha256"),
              ("layer-00001.json", remove, "is missing")]
     for name, how, message in cases:
         out = damaged(name, how)
@@ -413,8 +417,18 @@ def test_damaged_work_files_are_not_trusted(tmp_path):
             quantize(model, RECIPE, out=out, resume=True, **FAST)
         assert not (out / "manifest.json").exists()
 
+    # killed after the next layer's work files were renamed into place, before its commit in state.json: the
+    # committed layer's files are untouched, and the uncommitted ones are simply written again
+    out = tmp_path / "uncommitted"
+    shutil.copytree(tmp_path / "base", out)
+    for name in ("layer-00001.safetensors", "layer-00001.json", "hidden-00001.npz"):
+        shutil.copy(out / work / name, out / work / name.replace("00001", "00002"))
+    assert digests(quantize(model, RECIPE, out=out, resume=True, **FAST).out) == \
+        digests(quantize(model, RECIPE, out=tmp_path / "reference", **FAST).out)
+    assert not (tmp_path / "base" / work / "hidden-00000.npz").exists()  # only the committed layer's inputs stay
+
     resumed = quantize(model, RECIPE, out=tmp_path / "base", resume=True, **FAST).out
-    once = quantize(model, RECIPE, out=tmp_path / "once", **FAST).out
+    once = tmp_path / "reference"
     assert digests(resumed) == digests(once)
 
     # killed while removing the work folder, after the manifest: --resume finishes the cleanup only

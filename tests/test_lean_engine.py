@@ -1,6 +1,7 @@
 """The engine's lean layer loop: the same checkpoint as the full float pass, with less memory and time.
 
-What makes it lean (goldstick/engine/pipeline.py, model.py, qlinear.py, writer.py), each checked here against the plain way:
+What makes it lean (goldstick/engine/, model/network.py, quant/cells.py, io/writer.py), each checked here against
+the plain way:
 - attention-only float pass when no MLP linear needs statistics (the MLP runs once, quantized); routed experts read
   their float weight at the call (StreamedLinear) instead of all being held in float32;
 - the quantized cells cast their int8 weight per call instead of caching a float32 copy;
@@ -17,12 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from goldstick.engine import pipeline as engine
+from goldstick.engine import layer as engine_layer
+from goldstick.engine import pipeline
+from goldstick.engine.inputs import LayerTensors, batch_rows, prepare_batches
+from goldstick.engine.layer import LayerQuantizer, mlp_groups
 from goldstick.io.checkpoint import CheckpointReader
-from goldstick.testing.make_model import default_model_path
-from goldstick.quant.recipe import load_recipe
-from goldstick.model.runtime import setup_mindspore
 from goldstick.io.writer import PlacedShards, PlannedShardWriter, ShardedWriter
+from goldstick.model.runtime import setup_mindspore
+from goldstick.quant.recipe import load_recipe
+from goldstick.testing.make_model import default_model_path
 
 FAST = dict(calib_samples=24, calib_seq_len=64, progress=False)  # 1536 tokens: more than the 1024-token sample
 
@@ -31,7 +35,7 @@ def shard_digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("model*"))}
 
 
-class FullFloatPass(engine.LayerQuantizer):
+class FullFloatPass(LayerQuantizer):
     """The layer quantizer as goldstick.evaluation.analyze runs it: the float layer on every calibration token."""
 
     def __init__(self, *args, **kwargs):
@@ -44,9 +48,9 @@ class FullFloatPass(engine.LayerQuantizer):
 def test_lean_loop_writes_the_full_float_pass_checkpoint(recipe, tmp_path, monkeypatch):
     """Mixed (static OS+ attention with its search, dynamic MLP) and dynamic+SmoothQuant: byte-identical shards and
     index; the lean report measures its SQNRs on the token sample and says so."""
-    lean = engine.quantize(default_model_path(), recipe, out=tmp_path / "lean", **FAST)
-    monkeypatch.setattr(engine, "LayerQuantizer", FullFloatPass)
-    full = engine.quantize(default_model_path(), recipe, out=tmp_path / "full", **FAST)
+    lean = pipeline.quantize(default_model_path(), recipe, out=tmp_path / "lean", **FAST)
+    monkeypatch.setattr(pipeline, "LayerQuantizer", FullFloatPass)
+    full = pipeline.quantize(default_model_path(), recipe, out=tmp_path / "full", **FAST)
     assert shard_digests(tmp_path / "lean") == shard_digests(tmp_path / "full")
     assert np.array_equal(lean.final_logits, full.final_logits)
     token_sample = load_recipe(recipe).options.token_sample
@@ -73,19 +77,19 @@ def test_routed_experts_are_read_at_the_call_not_held(monkeypatch):
     cfg = reader.config
     recipe = load_recipe("deepseek-r1-w8a8-dynamic")
     reads: list[str] = []
-    original = engine.LayerTensors.__getitem__
+    original = LayerTensors.__getitem__
 
     def counting(self, name):
         reads.append(name)
         return original(self, name)
-    monkeypatch.setattr(engine.LayerTensors, "__getitem__", counting)
+    monkeypatch.setattr(LayerTensors, "__getitem__", counting)
     ids = np.arange(2, 2 + 2 * 32, dtype=np.int32).reshape(2, 32)
-    batches = engine._prepare_batches(cfg, type("C", (), {"batches": [ids]})())
+    batches = prepare_batches(cfg, type("C", (), {"batches": [ids]})())
     embed = reader.read("model.embed_tokens.weight")
     hidden = [embed[b[0]] for b in batches]
     layer = cfg.first_k_dense_replace  # the first MoE layer
-    lq = engine.LayerQuantizer(cfg, layer, engine.LayerTensors(reader, layer), recipe.plan(cfg), recipe, batches,
-                               hidden, lean=True)
+    lq = LayerQuantizer(cfg, layer, LayerTensors(reader, layer), recipe.plan(cfg), recipe, batches, hidden,
+                        lean=True)
     assert lq.attention_only
     experts = [n for n in lq.linears if ".mlp.experts." in n]
     assert experts and all(isinstance(lq.linears[n], StreamedLinear) for n in experts)
@@ -101,8 +105,8 @@ def test_routed_experts_are_read_at_the_call_not_held(monkeypatch):
     # the reference layer (full float pass, every weight loaded) gives the same outputs
     reads.clear()
     embed_hidden = [embed[b[0]] for b in batches]
-    ref = engine.LayerQuantizer(cfg, layer, engine.LayerTensors(reader, layer), recipe.plan(cfg), recipe, batches,
-                                embed_hidden, lean=False)
+    ref = LayerQuantizer(cfg, layer, LayerTensors(reader, layer), recipe.plan(cfg), recipe, batches,
+                         embed_hidden, lean=False)
     ref_float = ref.observe(False)
     ref.quantize(ref_float)
     ref_out = ref.measure(ref_float)
@@ -126,7 +130,7 @@ def test_host_broadcast_ops_give_the_device_ops_values(monkeypatch):
     layer = cfg.first_k_dense_replace
     rng = np.random.default_rng(0)
     h = rng.standard_normal((2, 24, cfg.hidden_size)).astype(np.float32)
-    batches = engine._prepare_batches(cfg, type("C", (), {"batches": [np.zeros((2, 24), np.int32)]})())
+    batches = prepare_batches(cfg, type("C", (), {"batches": [np.zeros((2, 24), np.int32)]})())
     _, cos, sin, mask = batches[0]
     outputs = []
     for host in (True, False):
@@ -182,12 +186,12 @@ def test_batches_are_cut_to_bounded_activations():
     """Sequences per batch: attention scores within 2M elements and hidden states within 1M, at least one; the
     cut batches hold the calibration rows in order."""
     cfg = CheckpointReader(default_model_path()).config
-    rows = engine.batch_rows(cfg, 256)
+    rows = batch_rows(cfg, 256)
     assert rows >= 1
     assert rows * cfg.num_attention_heads * 256 * 256 <= 1 << 21 and rows * 256 * cfg.hidden_size <= 1 << 20
-    assert engine.batch_rows(cfg, 1 << 16) == 1  # one sequence even when it alone is over the budget
+    assert batch_rows(cfg, 1 << 16) == 1  # one sequence even when it alone is over the budget
     ids = np.arange(40 * 256, dtype=np.int32).reshape(40, 256) % cfg.vocab_size
-    batches = engine._prepare_batches(cfg, type("C", (), {"batches": [ids[:32], ids[32:]]})())
+    batches = prepare_batches(cfg, type("C", (), {"batches": [ids[:32], ids[32:]]})())
     assert all(len(b[0]) <= rows for b in batches)
     assert np.array_equal(np.concatenate([b[0] for b in batches]), ids)
 
@@ -227,11 +231,11 @@ def _moe_layer_quantizer(recipe_name: str, lean: bool, batch_count: int = 3):
     recipe = load_recipe(recipe_name)
     rng = np.random.default_rng(3)
     ids = [rng.integers(2, cfg.vocab_size, (2, 40)).astype(np.int32) for _ in range(batch_count)]
-    batches = engine._prepare_batches(cfg, type("C", (), {"batches": ids})())
+    batches = prepare_batches(cfg, type("C", (), {"batches": ids})())
     embed = reader.read("model.embed_tokens.weight")
     layer = cfg.first_k_dense_replace
-    return engine.LayerQuantizer(cfg, layer, engine.LayerTensors(reader, layer), recipe.plan(cfg), recipe, batches,
-                                 [embed[b[0]] for b in batches], lean=lean)
+    return LayerQuantizer(cfg, layer, LayerTensors(reader, layer), recipe.plan(cfg), recipe, batches,
+                          [embed[b[0]] for b in batches], lean=lean)
 
 
 def test_projection_inputs_give_the_attention_hooks_statistics(monkeypatch):
@@ -239,8 +243,8 @@ def test_projection_inputs_give_the_attention_hooks_statistics(monkeypatch):
     pass computes their inputs without running the attention, and gets exactly the statistics that hooks on the
     whole attention collect."""
     calls = []
-    original = engine.LayerQuantizer._observe_projection_inputs
-    monkeypatch.setattr(engine.LayerQuantizer, "_observe_projection_inputs",
+    original = LayerQuantizer._observe_projection_inputs
+    monkeypatch.setattr(LayerQuantizer, "_observe_projection_inputs",
                         lambda self, h: calls.append(h.shape) or original(self, h))
     lean = _moe_layer_quantizer("deepseek-w8a8-dynamic-smoothquant", lean=True)
     full = _moe_layer_quantizer("deepseek-w8a8-dynamic-smoothquant", lean=False)
@@ -257,19 +261,19 @@ def test_projection_inputs_give_the_attention_hooks_statistics(monkeypatch):
 
 def test_mlp_groups_join_batches_within_the_budget():
     batches = [(np.zeros((2, 64)),), (np.zeros((2, 64)),), (np.zeros((1, 64)),), (np.zeros((4, 64)),)]
-    assert engine.mlp_groups(batches, hidden_size=8, budget=8 * 192) == [[0], [1, 2], [3]]
-    assert engine.mlp_groups(batches, hidden_size=8, budget=8 * 1000) == [[0, 1, 2, 3]]
-    assert engine.mlp_groups(batches, hidden_size=8, budget=1) == [[0], [1], [2], [3]]  # at least one batch each
+    assert mlp_groups(batches, hidden_size=8, budget=8 * 192) == [[0], [1, 2], [3]]
+    assert mlp_groups(batches, hidden_size=8, budget=8 * 1000) == [[0, 1, 2, 3]]
+    assert mlp_groups(batches, hidden_size=8, budget=1) == [[0], [1], [2], [3]]  # at least one batch each
 
 
 def test_grouped_mlp_gives_the_batch_by_batch_outputs_and_routes(monkeypatch):
     """The MLP half over several batches' tokens at once gives each batch's outputs as a batch-by-batch run does
     (to float32 rounding: the matmuls see other row counts), and the recorded routing is cut back per batch."""
     runs, calls = {}, []
-    original = engine.mlp_groups
-    monkeypatch.setattr(engine, "mlp_groups", lambda *args: calls.append(original(*args)) or calls[-1])
+    original = engine_layer.mlp_groups
+    monkeypatch.setattr(engine_layer, "mlp_groups", lambda *args: calls.append(original(*args)) or calls[-1])
     for budget in ("grouped", "single"):
-        monkeypatch.setattr(engine, "MLP_GROUP_ELEMENTS", 1 << 22 if budget == "grouped" else 1)
+        monkeypatch.setattr(engine_layer, "MLP_GROUP_ELEMENTS", 1 << 22 if budget == "grouped" else 1)
         calls.clear()
         lq = _moe_layer_quantizer("deepseek-r1-w8a8-mixed", lean=False)
         runs[budget] = (lq.observe(False), lq.routes, [b[0].size for b in lq.batches])
@@ -280,7 +284,7 @@ def test_grouped_mlp_gives_the_batch_by_batch_outputs_and_routes(monkeypatch):
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
     assert [w.shape[0] for w, _ in grouped_routes] == sizes == [e.shape[0] for _, e in single_routes]
-    for (w1, e1), (w2, e2) in zip(grouped_routes, single_routes):
+    for (_, e1), (_, e2) in zip(grouped_routes, single_routes):
         assert np.mean(e1 == e2) > 0.99  # a token at a routing tie may switch with the last bit
 
 

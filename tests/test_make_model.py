@@ -11,11 +11,20 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from goldstick.model.architecture import fp8_linear
 from goldstick.model.config import ModelConfig
-from goldstick.quant.fp8 import dequantize_fp8_blocks, scale_grid_shape
-from goldstick.testing.make_model import (SIZES, add_make_model_parser, default_model_path, fp8_linear, make_model,
-                                  outlier_report, parameter_counts, size_config, tensor_shapes)
 from goldstick.model.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer
+from goldstick.quant.fp8 import dequantize_fp8_blocks, scale_grid_shape
+from goldstick.testing.make_model import (
+    SIZES,
+    add_make_model_parser,
+    default_model_path,
+    make_model,
+    parameter_counts,
+    size_config,
+    tensor_shapes,
+)
+from goldstick.testing.outliers import outlier_report
 
 REPO = Path(__file__).resolve().parents[1]
 ZH = "以下是中国关于高中物理考试的单项选择题，请选出其中的正确答案。\n下列说法正确的是____。\nA. 光是一种电磁波\n答案："
@@ -342,7 +351,9 @@ def _sentences(texts):
 
 
 def test_data_files_are_separate():
-    read = lambda p: [json.loads(line)["text"] for line in (REPO / p).read_text(encoding="utf-8").splitlines()]
+    def read(p):
+        return [json.loads(line)["text"] for line in (REPO / p).read_text(encoding="utf-8").splitlines()]
+
     calib, held = read("calibration/mixed-zh-en.jsonl"), read("eval/heldout/heldout-zh-en.jsonl")
     corpus = (REPO / "goldstick/data/tokenizer_corpus.txt").read_text(encoding="utf-8").splitlines()
     assert len(calib) >= 128 and len(held) >= 64 and len(corpus) >= 600

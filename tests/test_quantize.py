@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 import goldstick
-from goldstick.engine.calibration import CalibrationError, load_calibration
-from goldstick.io.checkpoint import CheckpointReader
 from goldstick.cli import main as cli
-from goldstick.testing.make_model import default_model_path
+from goldstick.engine.calibration import CalibrationError, load_calibration
 from goldstick.engine.pipeline import QuantizeError, quantize
-from goldstick.quant.recipe import load_recipe
-from goldstick.model.tokenizer import load_tokenizer
+from goldstick.io.checkpoint import CheckpointReader
 from goldstick.io.writer import ShardedWriter
+from goldstick.model.tokenizer import load_tokenizer
+from goldstick.quant.recipe import load_recipe
+from goldstick.testing.make_model import default_model_path
 
 FAST = dict(calib_samples=8, calib_seq_len=64, progress=False)
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from goldstick.engine import pipeline as engine
 from goldstick.engine.calibration import CalibrationSet
-from goldstick.engine.pipeline import Feedback, QuantizeError, quantize
-from goldstick.testing.make_model import default_model_path
+from goldstick.engine.feedback import Feedback, calibration_summary
+from goldstick.engine.pipeline import QuantizeError, quantize
 from goldstick.quant.recipe import Calibration, load_recipe
+from goldstick.testing.make_model import default_model_path
 
 SMALL = dict(calib_samples=4, calib_seq_len=64)
 DEFAULT_DATA = "calibration/mixed-zh-en.jsonl"
@@ -61,8 +61,8 @@ def test_the_recipe_default_size_is_named_as_such():
     recipe = load_recipe("deepseek-r1-w8a8-mixed")
     calib = CalibrationSet(batches=[], source=DEFAULT_DATA, sha256=None, samples=128, seq_len=2048, seed=0,
                            tokens=128 * 2048, pretokenized=False)
-    line = engine._calibration_summary(recipe, calib, dict.fromkeys(("samples", "seq_len", "data", "seed"), False),
-                                       needed=True)
+    line = calibration_summary(recipe, calib, dict.fromkeys(("samples", "seq_len", "data", "seed"), False),
+                               needed=True)
     assert line == ("calibration: 128 samples x 2048 tokens = 262,144 tokens (recipe deepseek-r1-w8a8-mixed's "
                     f"default; --calib-samples / --calib-seq-len change it) from {DEFAULT_DATA} (the default), seed 0")
 

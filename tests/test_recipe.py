@@ -8,11 +8,22 @@ import textwrap
 import time
 
 import pytest
-
-from goldstick.model.config import ModelConfig
-from goldstick.quant.recipe import (DEFAULT_RECIPE, FEEDING_NORMS, SCHEMES, Calibration, Options, Recipe, RecipeError,
-                              Rule, Scheme, fused_groups, load_recipe, shipped_recipes, smoothing_groups)
 from small_configs import small_config
+
+from goldstick.model.architecture import FEEDING_NORMS, fused_groups, smoothing_groups
+from goldstick.model.config import ModelConfig
+from goldstick.quant.recipe import (
+    DEFAULT_RECIPE,
+    Calibration,
+    Options,
+    Recipe,
+    RecipeError,
+    Rule,
+    Scheme,
+    load_recipe,
+    shipped_recipes,
+)
+from goldstick.quant.recipe_parts import SCHEMES
 
 SHIPPED = ["deepseek-r1-w8a16", "deepseek-r1-w8a8-dynamic", "deepseek-r1-w8a8-mixed",
            "deepseek-r1-w8a8-smoothquant", "deepseek-r1-w8a8-static-naive", "deepseek-w8a8-dynamic-smoothquant"]
@@ -55,9 +66,9 @@ def test_shipped_recipes_load_and_are_named_after_their_file():
 
 
 def test_shipped_recipes_have_a_header_comment():
-    from goldstick.quant.recipe import _recipe_dir
+    from goldstick.quant.recipe import shipped_recipe_dir
     for name in SHIPPED:
-        text = (_recipe_dir() / f"{name}.yaml").read_text()
+        text = (shipped_recipe_dir() / f"{name}.yaml").read_text()
         assert text.startswith(f"# {name}")
         assert "kv_b_proj" in text.split("\nname:")[0]
 
@@ -300,7 +311,7 @@ def test_format_collapses_experts_and_shows_every_linear(r1):
     assert sum(n for _, n, _, _ in rows) == len(plan) == 45091
     assert len(rows) == 16
     assert "model.layers.{3..60}.mlp.experts.{0..255}.gate_proj" in text
-    line = next(l for l in text.splitlines() if "experts.{0..255}.gate_proj" in l)
+    line = next(row for row in text.splitlines() if "experts.{0..255}.gate_proj" in row)
     assert "14848" in line and "w8a8-dynamic" in line and "rule 2" in line
     assert "model.layers.{0..2}.mlp.down_proj" in text
     assert "counts: float 120, w8a8-static+osplus 244, w8a8-dynamic 44727" in text

@@ -1,4 +1,4 @@
-"""Issue 3: the shipped recipes rank as they do on DeepSeek-R1, measured through the quantized network.
+"""The shipped recipes rank as they do on DeepSeek-R1, measured through the quantized network.
 
 The embedded default model (``default_model_path()``) is quantized with every shipped recipe plus one fixture recipe
 (``fixtures/w8a8-mla-smoothquant-ffn-dynamic.yaml``: the production mix with SmoothQuant instead of OS+ on the MLA
@@ -44,11 +44,11 @@ def measured(tmp_path_factory):
     from mindspore import Tensor
 
     from goldstick.engine.calibration import DEFAULT_CALIBRATION, load_calibration
+    from goldstick.engine.pipeline import quantize
     from goldstick.evaluation.compare import compare_logits, heldout_batches, model_logits
     from goldstick.io.loader import load_model
-    from goldstick.testing.make_model import default_model_path
-    from goldstick.engine.pipeline import quantize
     from goldstick.model.tokenizer import load_tokenizer
+    from goldstick.testing.make_model import default_model_path
 
     model = default_model_path()
     root = tmp_path_factory.mktemp("ordering")

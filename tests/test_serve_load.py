@@ -1,4 +1,4 @@
-"""`goldstick serve` under concurrent load (issue 7, part 5), over real HTTP on loopback.
+"""`goldstick serve` under concurrent load, over real HTTP on loopback.
 
 The embedded model is quantized (deepseek-r1-w8a8-dynamic) and served by `goldstick serve` in a subprocess.
 benchmarks/serve_load.py asks each of 16 distinct requests (greedy and seeded sampling, prompts of varied lengths)

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from goldstick.quant import algorithms as alg
-from goldstick.io.checkpoint import CheckpointError, CheckpointReader
-from goldstick.engine.pipeline import QuantizeError, quantize
-from goldstick.quant.numerics import bf16_ceil, quantize_weight
 from goldstick.engine.executors import ExecutorError, InlineExecutor, LocalExecutor, get_executor
-from goldstick.testing.make_model import default_model_path
+from goldstick.engine.pipeline import QuantizeError, quantize
 from goldstick.engine.stream import StreamError, calibration_needed, route, stream_quantize
+from goldstick.io.checkpoint import CheckpointError, CheckpointReader
 from goldstick.io.writer import PlannedShardWriter, ShardedWriter
+from goldstick.quant import algorithms as alg
+from goldstick.quant.numerics import bf16_ceil, quantize_weight
+from goldstick.testing.make_model import default_model_path
 
 DATA_FREE = ("deepseek-r1-w8a16", "deepseek-r1-w8a8-dynamic")
 SHARD = 3_000_000  # several output shards from the ~15 MB tiny FP8 model
@@ -99,7 +99,8 @@ def test_blockwise_weight_quantization_equals_the_whole_tensor_expression(mode, 
         assert np.array_equal(q, rq) and np.array_equal(s, rs)
         half = shape[0] // 2  # rows are independent: a unit of rows gives the rows of the whole
         if half:
-            assert np.array_equal(quantize_weight(w[half:], mode, rows=kernels.quantize_rows if numba else None)[0], q[half:])
+            rows = kernels.quantize_rows if numba else None
+            assert np.array_equal(quantize_weight(w[half:], mode, rows=rows)[0], q[half:])
     bad = np.ones((4, 4), np.float32)
     bad[2, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -107,8 +108,8 @@ def test_blockwise_weight_quantization_equals_the_whole_tensor_expression(mode, 
 
 
 def test_fp8_decode_equals_the_reader_s():
-    from goldstick.quant.fp8 import dequantize_fp8_blocks, quantize_fp8_blocks
     from goldstick.engine.stream import decode_fp8
+    from goldstick.quant.fp8 import dequantize_fp8_blocks, quantize_fp8_blocks
 
     rng = np.random.default_rng(1)
     for shape in [(256, 384), (128, 128), (200, 384), (256, 300)]:  # whole blocks (one broadcast) and ragged ones
@@ -343,7 +344,7 @@ def test_ray_executor_gives_the_local_executors_bytes(fp8_model, tmp_path):
                                        progress=False, max_shard_bytes=SHARD).out
             units = [(np.random.default_rng(k).standard_normal((64, 32), dtype=np.float32), "absmax127")
                      for k in range(4)]
-            from goldstick.engine.pipeline import quantize_weight_unit
+            from goldstick.engine.layer import quantize_weight_unit
 
             for (q, s), (rq, rs) in zip(ex.map(quantize_weight_unit, units), map(quantize_weight_unit, units)):
                 assert np.array_equal(q, rq) and np.array_equal(s, rs)

@@ -16,15 +16,14 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from test_checkpoint import INDEX, rewrite_shard, shard_of
 
 import goldstick
 from goldstick.cli import main as cli
 from goldstick.io.export import export_checkpoint, write_manifest
-from goldstick.testing.make_model import default_model_path
-from goldstick.quant.recipe import load_recipe
 from goldstick.io.verification import VerifyError, verify
-
-from test_checkpoint import INDEX, rewrite_shard, shard_of
+from goldstick.quant.recipe import load_recipe
+from goldstick.testing.make_model import default_model_path
 
 FAST = dict(calib_samples=2, calib_seq_len=16, progress=False)
 DESCRIPTION = "quantization_description.json"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from goldstick.io.writer import (INDEX_NAME, ShardedWriter, WriterError, shard_file_name, write_safetensors)
+from goldstick.io.writer import INDEX_NAME, ShardedWriter, WriterError, shard_file_name, write_safetensors
 
 
 def _read_all(out_dir):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from goldstick.io.files import sha256_file
 from goldstick.errors import GoldstickError
+from goldstick.io.files import sha256_file
 
 PACKAGE_CALIBRATION = Path(__file__).resolve().parents[2] / "calibration"
 DEFAULT_CALIBRATION = "calibration/mixed-zh-en.jsonl"
@@ -177,6 +177,6 @@ def load_calibration(data: str | Path, tokenizer, samples: int, seq_len: int, se
         flat = np.asarray(stream[:needed], dtype=np.int32).reshape(samples, seq_len)
         batches = [flat[i:i + batch_size] for i in range(0, samples, batch_size)]
     tokens = int(sum(b.size for b in batches))
-    return CalibrationSet(batches=batches, source=str(source),
-        sha256=sha256_file(source) if isinstance(source, Path) and source.is_file() else None, samples=int(sum(len(b) for b in batches)), seq_len=seq_len, seed=seed,
-        tokens=tokens, pretokenized=bool(ids), notes=notes)
+    digest = sha256_file(source) if isinstance(source, Path) and source.is_file() else None
+    return CalibrationSet(batches=batches, source=str(source), sha256=digest, samples=int(sum(len(b) for b in batches)),
+                          seq_len=seq_len, seed=seed, tokens=tokens, pretokenized=bool(ids), notes=notes)

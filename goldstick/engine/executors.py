@@ -25,9 +25,10 @@ weight (goldstick.engine.pipeline). ``max_in_flight`` bounds memory: a handful o
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from typing import Callable, Iterable, Iterator
 
 EXECUTORS = ("inline", "threads", "local", "ray")
 
@@ -59,7 +60,7 @@ class Executor:
     def describe(self) -> str:
         return f"{self.name} ({self.workers} worker{'s' if self.workers != 1 else ''})"
 
-    def __enter__(self) -> "Executor":
+    def __enter__(self) -> Executor:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -97,8 +98,6 @@ class LocalExecutor(Executor):
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            import multiprocessing
-
             self._pool = ProcessPoolExecutor(max_workers=self.workers,
                                              mp_context=multiprocessing.get_context(self.start_method))
         return self._pool
@@ -204,7 +203,7 @@ def _call(fn: Callable, unit):
     return fn(unit)
 
 
-def get_executor(spec: "str | Executor | None" = None, workers: int | None = None,
+def get_executor(spec: str | Executor | None = None, workers: int | None = None,
                  ray_address: str | None = None) -> Executor:
     """An Executor from a name (``inline``, ``local``, ``ray``), or ``spec`` itself if it is one; None = local."""
     if isinstance(spec, Executor):

@@ -28,26 +28,41 @@ output is the engine's mindspore-format checkpoint bit for bit (tests/test_strea
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from tqdm import tqdm
 
-from goldstick.io.checkpoint import SCALE_SUFFIX, STORED_DTYPES, CheckpointError, CheckpointReader, nonfinite_problem
-from goldstick.io.writer import pwrite_array
+from goldstick.engine.executors import Executor, get_executor
+from goldstick.engine.report import render_streamed_report_md, write_checkpoint_metadata
+from goldstick.engine.result import QuantizeError, QuantizeResult
 from goldstick.errors import GoldstickError
-from goldstick.quant.numerics import quantize_weight
-from goldstick.quant.fp8 import FP8_TO_F32, BLOCK, FP8, dequantize_fp8_blocks
-from goldstick.quant.recipe import Plan, Recipe, load_recipe
+from goldstick.io.checkpoint import SCALE_SUFFIX, CheckpointError, CheckpointReader, nonfinite_problem
+from goldstick.io.export import MINDSPORE, CheckpointWriter, write_text_atomic
+from goldstick.io.rundir import WORK_DIR, remove_temporaries, write_manifest
+from goldstick.io.writer import PlannedShardWriter, pwrite_array, write_json_atomic
+from goldstick.model.architecture import ROUTER
+from goldstick.model.config import ModelConfig
+from goldstick.model.names import summarize_names
+from goldstick.quant.fp8 import BLOCK, FP8, FP8_TO_F32, dequantize_fp8_blocks
+from goldstick.quant.numerics import STORED_DTYPES, quantize_weight
+from goldstick.quant.plan import Plan
+from goldstick.quant.recipe import Recipe, load_recipe
+from goldstick.quant.schemes import DATA_FREE, SCHEMES
+from goldstick.testing.make_model import default_model_path
 
 BF16 = ml_dtypes.bfloat16
 UNIT_ELEMENTS = 1 << 22  # ~4M elements per unit: 16 MB as float32, a few ms to a few tens of ms of work
 READ_AHEAD = 256 << 20  # source bytes the driver asks the kernel to read ahead of the units handed out
-DATA_FREE_SCHEMES = ("float", "w8a16", "w8a8-dynamic")
-LABELS = {"w8a16": "W8A16", "w8a8-dynamic": "W8A8_DYNAMIC"}
+# data-free quantized schemes -> their description labels (the weight-only and dynamic linears streamed here)
+LABELS = {name: SCHEMES[name].label for name in DATA_FREE if SCHEMES[name].quantized}
 GLOBALS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")  # as the engine writes them
 
 
@@ -59,7 +74,7 @@ class StreamError(GoldstickError, RuntimeError):
 def calibration_needed(plan: Plan) -> list[str]:
     """The linears whose scheme needs calibration data (static activations or smoothing); empty = data-free."""
     return [e.name for e in plan.entries
-            if e.scheme.name not in DATA_FREE_SCHEMES or e.scheme.outlier_suppression != "none"]
+            if e.scheme.name not in DATA_FREE or e.scheme.outlier_suppression != "none"]
 
 
 def choose_path(cfg, recipe: Recipe, path: str = "auto", export_format: str = "mindspore") -> tuple[str, str]:
@@ -68,8 +83,6 @@ def choose_path(cfg, recipe: Recipe, path: str = "auto", export_format: str = "m
         raise StreamError(f"unknown quantization path {path!r}; choose auto, stream or layers")
     if path == "layers":
         return "layers", "layer path asked for"
-    from goldstick.io.export import summarize_names
-
     needing = calibration_needed(recipe.plan(cfg))
     if needing:
         why = f"the recipe calibrates {summarize_names(needing)}"
@@ -92,9 +105,6 @@ def route(model, recipe: Recipe, path: str, export_format: str, calibration_give
     passed explicitly (the layer path measures each layer's error on it and records it in the report),
     ``stop_after_layer``, or resuming an interrupted layer run.
     """
-    from goldstick.model.config import ModelConfig
-    from goldstick.engine.pipeline import WORK_DIR
-
     if path not in ("auto", "stream", "layers"):
         raise StreamError(f"unknown quantization path {path!r}; choose auto, stream or layers")
     if path == "layers":
@@ -250,7 +260,8 @@ def _quantize(unit: Unit, stored: np.ndarray, scale: np.ndarray | None) -> tuple
             return fused
     values = _values(unit, stored, scale)
     try:
-        return quantize_weight(values, unit.mode, rows=kernels.quantize_rows)  # refuses NaN/Inf (a row's absmax is not finite)
+        # refuses NaN/Inf (a row's absmax is not finite)
+        return quantize_weight(values, unit.mode, rows=kernels.quantize_rows)
     except ValueError:
         _check_finite(unit, values)
         raise
@@ -280,14 +291,14 @@ def output_tensors(reader: CheckpointReader, plan: Plan) -> list[OutputTensor]:
         floats, linears, names = [], [], []
         for name in reader.layer_tensor_names(layer):
             owner = name[: -len(".weight")] if name.endswith(".weight") else None
-            if owner is not None and scheme.get(owner) in LABELS and not owner.endswith(".mlp.gate"):
+            if owner is not None and scheme.get(owner) in LABELS and not owner.endswith("." + ROUTER):
                 names += [f"{owner}.weight", f"{owner}.weight_offset", f"{owner}.weight_scale"]
             else:
                 names.append(name)
         seen = set()
         for name in sorted(names):
             owner, _, local = name.rpartition(".")
-            if owner in scheme and scheme[owner] in LABELS and not owner.endswith(".mlp.gate") and local.startswith(
+            if owner in scheme and scheme[owner] in LABELS and not owner.endswith("." + ROUTER) and local.startswith(
                     "weight"):
                 if owner not in seen:
                     seen.add(owner)
@@ -349,14 +360,8 @@ class StreamStats:
 def stream_quantize(model, recipe, out, executor=None, workers: int | None = None, progress: bool = True,
                     max_shard_bytes: int = 4 << 30, resume: bool = False, ray_address: str | None = None):
     """Quantize with a data-free recipe by streaming (see the module docstring); returns a QuantizeResult."""
-    from goldstick.engine.pipeline import QuantizeError, QuantizeResult, _remove_temporaries, write_checkpoint_metadata
-    from goldstick.engine.executors import Executor, get_executor
-    from goldstick.io.export import MINDSPORE, CheckpointWriter, write_manifest, write_text_atomic
-    from goldstick.io.writer import PlannedShardWriter, write_json_atomic
-
     started = time.time()
     if model is None:
-        from goldstick.testing.make_model import default_model_path
         model = default_model_path()
     reader = CheckpointReader(model)
     cfg = reader.config
@@ -375,7 +380,7 @@ def stream_quantize(model, recipe, out, executor=None, workers: int | None = Non
             raise QuantizeError(f"{out} holds a finished run (manifest.json): nothing to resume")
         # a streamed run keeps no partial state worth resuming (it costs one read of the source): remove what
         # it left (hidden temporary shards and metadata temporaries) and start again
-        _remove_temporaries(out)
+        remove_temporaries(out)
     out.mkdir(parents=True, exist_ok=True)
 
     outs = output_tensors(reader, plan)
@@ -424,7 +429,7 @@ def stream_quantize(model, recipe, out, executor=None, workers: int | None = Non
         "layers": [],
     }
     write_json_atomic(out / "report.json", report)
-    write_text_atomic(out / "report.md", _report_md(report))
+    write_text_atomic(out / "report.md", render_streamed_report_md(report))
     write_manifest(out, known=known)
     stats = StreamStats(ex.describe(), done, shards.total_size, seconds)
     result = QuantizeResult(out=out, plan=plan, report=report)
@@ -435,8 +440,6 @@ def stream_quantize(model, recipe, out, executor=None, workers: int | None = Non
 def _prefetch(units, handles: dict, ahead: int = READ_AHEAD) -> object:
     """Yield the units, first asking the kernel to read the bytes of the next ``ahead`` bytes' worth of units (so
     reads overlap the workers' start-up and compute; it is page cache, not process memory)."""
-    from collections import deque
-
     window, queued = deque(), 0
     for unit in units:
         for span, r0, r1 in ((unit.source, unit.r0, unit.r1),) + (
@@ -459,8 +462,6 @@ class ShardHasher:
     byte is written (while the workers go on), instead of reading every shard again after the run."""
 
     def __init__(self, paths):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="goldstick-hash")
         self.left, self.futures, self.handles = {}, {}, []
         for path in map(str, paths):
@@ -489,8 +490,6 @@ class ShardHasher:
 
 
 def _sha256_of(handle) -> str:
-    import hashlib
-
     with handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
@@ -498,8 +497,6 @@ def _sha256_of(handle) -> str:
 def _run(ex, units, total: int, progress: bool, hasher: ShardHasher) -> int:
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, desc="stream", unit="B", unit_scale=True, unit_divisor=1024)
     handles: dict[str, int] = {}
     done = 0
@@ -519,11 +516,3 @@ def _run(ex, units, total: int, progress: bool, hasher: ShardHasher) -> int:
         raise StreamError(f"internal error: {done} of {total} input bytes processed")
     return done
 
-
-def _report_md(report: dict) -> str:
-    lines = [f"# Quantization report: {report['recipe']}", "",
-             f"Model: `{report['model']}`  ",
-             "Path: streamed (data-free recipe: no calibration data, no per-layer error measurement)", "",
-             "## Schemes", "", "| scheme | linears |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in report["plan"]["counts"].items()]
-    return "\n".join(lines) + "\n"

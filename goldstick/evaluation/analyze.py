@@ -3,7 +3,7 @@
     goldstick analyze --model DIR --recipe RECIPE [--calib PATH --calib-samples N --calib-seq-len L] --out DIR
                       [--propose --budget X --safer dynamic|w8a16|float] [--verify]
 
-``analyze`` drives the quantization engine (``quantize.LayerQuantizer``) layer by layer on the calibration data,
+``analyze`` drives the quantization engine (``LayerQuantizer``) layer by layer on the calibration data,
 exactly as ``goldstick quantize`` does (same calibration, same transforms, same integer cells, the next layer fed
 with the quantized outputs when ``options.inputs_from`` is ``quantized``), writes nothing but the analysis, and adds
 a few hooks of its own:
@@ -51,7 +51,8 @@ no linear are dropped. ``verify`` re-analyses the proposal and reports its measu
 Outputs in ``out``: ``analysis.json`` (everything above), ``analysis.md`` (readable), ``boxplot-*.png``,
 ``channel-stats.npz`` (per input channel of every linear but the routed experts: ``<linear>/absmax``, ``/std``,
 ``/mean`` of the float-pass input and, for a smoothed/shifted linear, its ``/scale`` and ``/shift``) and, with
-``propose``, ``proposed-recipe.yaml`` (accepted by ``goldstick quantize``).
+``propose``, ``proposed-recipe.yaml`` (accepted by ``goldstick quantize``). ``analysis.md`` and the box plots
+are drawn by ``analyze_report``.
 """
 
 from __future__ import annotations
@@ -66,9 +67,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from goldstick.quant.recipe import Recipe, Rule, Scheme, fused_groups, load_recipe, smoothing_groups
+from goldstick.engine.calibration import DEFAULT_CALIBRATION, load_calibration
+from goldstick.engine.inputs import prepare_batches
+from goldstick.engine.layer import LayerQuantizer
 from goldstick.errors import GoldstickError
+from goldstick.evaluation.analyze_report import render_md, write_boxplots
+from goldstick.io.checkpoint import CheckpointReader
+from goldstick.model.architecture import fused_groups, smoothing_groups
+from goldstick.model.runtime import setup_mindspore
+from goldstick.model.tokenizer import load_tokenizer
+from goldstick.quant.numerics import bf16_round, sqnr_from_sums, sum_squares
+from goldstick.quant.recipe import Recipe, Rule, Scheme, load_recipe
+from goldstick.testing.make_model import default_model_path
 
 SCHEMA = "goldstick.analyze/1"
 SAFER = {"dynamic": "w8a8-dynamic", "w8a16": "w8a16", "float": "float"}
@@ -77,7 +89,6 @@ DEFAULT_BUDGET = "50%"
 SAMPLE_TOKENS = 2048     # tokens kept per distinct input for the box-plot quantiles
 WORST_CHANNELS = 8       # worst channels listed per linear input
 QUANTILES = (0.0, 1.0, 25.0, 50.0, 75.0, 99.0, 100.0)
-BOX_MAX_CHANNELS = 256   # inputs wider than this show their worst channels plus evenly spaced ordinary ones
 
 _ROUTED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)\d+\.(\w+)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -178,10 +189,9 @@ def _r(value: float, digits: int = 4):
     return float(f"{value:.{digits}g}") if abs(value) < 1e4 else round(float(value), 1)
 
 
-def _db(signal: float, noise: float):
-    if noise <= 0:
-        return "inf"
-    return _r(10 * math.log10(signal / noise))
+def _sqnr_db(signal: float, noise: float):
+    """SQNR in dB from ``sum ref^2`` and ``sum (ref - got)^2``, rounded for the report ("inf" without noise)."""
+    return _r(sqnr_from_sums(signal, noise))
 
 
 def _nsr_db(nsr: float):
@@ -353,9 +363,10 @@ def _cosine(ref: list, got: list) -> float:
 
 
 def _sqnr(ref: list, got: list) -> object:
-    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
-    noise = sum(float(np.sum((r.astype(np.float64) - g) ** 2)) for r, g in zip(ref, got))
-    return _db(signal, noise)
+    """Rounded SQNR (dB) of two lists of arrays, taken as one vector each."""
+    signal = sum(sum_squares(r) for r in ref)
+    noise = sum(sum_squares(r.astype(np.float64) - g) for r, g in zip(ref, got))
+    return _sqnr_db(signal, noise)
 
 
 def engine_pass(reader, batches, recipe: Recipe, safe_recipe: Recipe | None = None, inputs: bool = True,
@@ -364,9 +375,6 @@ def engine_pass(reader, batches, recipe: Recipe, safe_recipe: Recipe | None = No
 
     Returns (PassResult of the recipe, PassResult of the safe recipe or None).
     """
-    from goldstick.engine.pipeline import LayerQuantizer
-    from goldstick.quant.numerics import bf16_round
-
     cfg = reader.config
     plan = recipe.plan(cfg)
     safe_plan = safe_recipe.plan(cfg) if safe_recipe is not None else None
@@ -377,8 +385,6 @@ def engine_pass(reader, batches, recipe: Recipe, safe_recipe: Recipe | None = No
     del embed
     layers = range(cfg.num_hidden_layers)
     if progress:
-        from tqdm import tqdm
-
         layers = tqdm(layers, desc=desc, unit="layer")
     for i in layers:
         tensors = reader.read_layer(i)
@@ -558,16 +564,9 @@ def analyze(model=None, recipe: str | Path | Recipe = "deepseek-r1-w8a8-mixed", 
             budget: str | float = DEFAULT_BUDGET, safer: str = "dynamic", top: int = 10, plots: int = 4,
             verify: bool = False, progress: bool = False, sample_tokens: int = SAMPLE_TOKENS) -> AnalysisResult:
     """Analyse ``recipe`` on ``model`` (None: the embedded default model); see the module docstring."""
-    from goldstick.engine.calibration import DEFAULT_CALIBRATION, load_calibration
-    from goldstick.io.checkpoint import CheckpointReader
-    from goldstick.engine.pipeline import _prepare_batches
-    from goldstick.model.runtime import setup_mindspore
-    from goldstick.model.tokenizer import load_tokenizer
-
     started = time.time()
     setup_mindspore()
     if model is None:
-        from goldstick.testing.make_model import default_model_path
         model = default_model_path()
     if out is None:
         raise AnalyzeError("analyze needs an output folder (out=...)")
@@ -583,7 +582,7 @@ def analyze(model=None, recipe: str | Path | Recipe = "deepseek-r1-w8a8-mixed", 
     calib = load_calibration(calibration or cal.data or DEFAULT_CALIBRATION, tok.tokenizer,
                              samples=calib_samples or cal.samples, seq_len=calib_seq_len or cal.seq_len,
                              seed=cal.seed if calib_seed is None else calib_seed, bos_id=tok.bos_id)
-    batches = _prepare_batches(cfg, calib)
+    batches = prepare_batches(cfg, calib)
 
     candidates = candidate_units(cfg, plan, safe_scheme)
     safe_recipe = None
@@ -696,153 +695,16 @@ def _slot_row(slot: str, s: dict, safe: dict | None) -> dict:
 def _linear_row(name: str, r: LinearResult, safe: LinearResult | None) -> dict:
     nsr = r.noise / r.signal if r.signal > 0 else 0.0
     den = math.sqrt(r.signal * r.got)
-    row = {"scheme": r.scheme, "chosen_by": r.chosen_by, "sqnr_db": _db(r.signal, r.noise),
+    row = {"scheme": r.scheme, "chosen_by": r.chosen_by, "sqnr_db": _sqnr_db(r.signal, r.noise),
            "engine_sqnr_db": r.engine_sqnr_db, "cosine": _r(r.dot / den if den > 0 else 1.0, 7),
            "nsr": _r(nsr, 6), "tokens": r.tokens}
     if safe is not None and safe.scheme != r.scheme:
-        row["safer"] = {"scheme": safe.scheme, "sqnr_db": _db(safe.signal, safe.noise)}
+        row["safer"] = {"scheme": safe.scheme, "sqnr_db": _sqnr_db(safe.signal, safe.noise)}
     if r.transform:
         row["transform"] = r.transform
     if r.input:
         row["input"] = r.input
     return row
-
-
-# ------------------------------------------------------------------------------------------------ plots
-def write_boxplots(report: dict, main: PassResult, out: Path, count: int) -> list[str]:
-    """Box plots of the input channels of the ``count`` worst linears with distinct inputs."""
-    if count <= 0 or not main.boxes:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    chosen, seen = [], set()
-    for row in report["ranking"]:
-        name = row["slot"]
-        key = main.input_key.get(name)
-        if key is None or key in seen or key not in main.boxes:
-            continue
-        seen.add(key)
-        chosen.append(name)
-        if len(chosen) >= count:
-            break
-    written = []
-    for rank, name in enumerate(chosen, 1):
-        q = main.boxes[main.input_key[name]]
-        info = report["linears"][name]["input"]
-        transform = main.transforms.get(name)
-        panels = [("before smoothing" if transform else "input (the recipe applies no smoothing here)", q, info)]
-        if transform is not None:
-            scale, shift = transform
-            panels.append(("after smoothing/shift: (x - shift) / scale", (q - shift) / scale, info["after"]))
-        channels = _shown_channels(q, info)
-        fig, axes = plt.subplots(len(panels), 1, figsize=(min(4 + 0.06 * len(channels), 22), 3.6 * len(panels)),
-                                 squeeze=False)
-        worst = {w["channel"] for w in info["worst_channels"]}
-        for ax, (title, qq, summary) in zip(axes[:, 0], panels):
-            stats = [{"whislo": qq[1, c], "q1": qq[2, c], "med": qq[3, c], "q3": qq[4, c], "whishi": qq[5, c],
-                      "fliers": [qq[0, c], qq[6, c]], "label": str(c)} for c in channels]
-            boxes = ax.bxp(stats, showfliers=True, patch_artist=True, widths=0.7,
-                           flierprops={"markersize": 2, "marker": "."})
-            for box, c in zip(boxes["boxes"], channels):
-                box.set_facecolor("tab:red" if c in worst else "tab:blue")
-                box.set_alpha(0.8 if c in worst else 0.4)
-            ax.set_xticks(range(1, len(channels) + 1),
-                          [str(c) if c in worst else "" for c in channels], rotation=90, fontsize=7)
-            ax.set_title(f"{title} - range ratio {summary['range_ratio']}, max outlier score "
-                         f"{summary['max_outlier_score']}", fontsize=9)
-            ax.set_ylabel("activation")
-        sqnr = report["linears"][name]["sqnr_db"]
-        fig.suptitle(f"#{rank} {name} ({report['linears'][name]['scheme']}, SQNR {sqnr} dB): input channels "
-                     f"(box p25-p75, whiskers p1-p99, dots min/max; red = worst channels)", fontsize=10)
-        fig.tight_layout()
-        file = f"boxplot-{rank:02d}-{name.replace('model.layers.', 'L').replace('.', '_')}.png"
-        fig.savefig(out / file, dpi=90)
-        plt.close(fig)
-        written.append(file)
-    return written
-
-
-def _shown_channels(q: np.ndarray, info: dict) -> list[int]:
-    c = q.shape[1]
-    if c <= BOX_MAX_CHANNELS:
-        return list(range(c))
-    worst = [w["channel"] for w in info["worst_channels"]]
-    absmax = np.maximum(np.abs(q[0]), np.abs(q[-1]))
-    top = [int(x) for x in np.argsort(-absmax)[: BOX_MAX_CHANNELS // 2]]
-    spaced = [int(x) for x in np.linspace(0, c - 1, BOX_MAX_CHANNELS // 2).round()]
-    return sorted(set(worst) | set(top) | set(spaced))
-
-
-# ------------------------------------------------------------------------------------------------ markdown
-def render_md(report: dict, top: int = 10) -> str:
-    est = report["estimate"]
-    cal = report["calibration"]
-    lines = [f"# Quantization-loss analysis: {report['recipe']}", "",
-             f"Model: `{report['model']}`  ",
-             f"Calibration: `{cal['source']}`, {cal['samples']} x {cal['seq_len']} tokens ({cal['tokens']} tokens)  ",
-             f"Estimated loss L (sum over slots of output NSR): **{est['recipe']}** ({est['recipe_db']} dB); "
-             f"with every candidate in {report['safer']}: {est['all_safer']}", "",
-             "Definitions:", ""]
-    lines += [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
-    lines += ["", f"## Most sensitive linears (top {top} of {len(report['ranking'])} slots, lowest SQNR first)", "",
-              "| rank | linear | scheme | SQNR dB | cosine | NSR | in safer scheme, SQNR dB |",
-              "|---|---|---|---|---|---|---|"]
-    for i, row in enumerate(report["ranking"][:top], 1):
-        lines.append(f"| {i} | `{row['slot']}` | {row['scheme']} | {row['sqnr_db']} | {row['cosine']} | "
-                     f"{row['nsr']} | {row.get('safer_sqnr_db', '')} |")
-    lines += ["", f"## Units that can move to {report['safer']} (largest gain first)", "",
-              "| unit | scheme | NSR | NSR in safer | gain |", "|---|---|---|---|---|"]
-    for u in report["units"]:
-        lines.append(f"| `{u['unit']}` | {u['scheme']} | {u['nsr']} | {u['safer_nsr']} | {u['gain']} |")
-    lines += ["", "## Decoder layers", "",
-              "| layer | SQNR dB | cosine | residual-branch SQNR dB | its cosine | cumulative SQNR dB | "
-              "cumulative cosine | worst linear | its SQNR dB |", "|---|---|---|---|---|---|---|---|---|"]
-    for layer in report["layers"]:
-        lines.append(f"| {layer['layer']} | {layer['sqnr_db']} | {layer['cosine']} | {layer['delta_sqnr_db']} | "
-                     f"{layer['delta_cosine']} | {layer['cumulative_sqnr_db']} | {layer['cumulative_cosine']} | "
-                     f"`{layer['worst_linear']}` | {layer['worst_linear_sqnr_db']} |")
-    lines += ["", "## Input outliers of the most sensitive linears", ""]
-    shown = 0
-    for row in report["ranking"]:
-        info = report["linears"].get(row["slot"], {}).get("input")
-        if not info:
-            continue
-        lines.append(f"### `{row['slot']}` (SQNR {row['sqnr_db']} dB)")
-        lines.append("")
-        for label, block in (("before smoothing", info), ("after smoothing", info.get("after"))):
-            if not block:
-                continue
-            worst = ", ".join(f"{w['channel']} ({w['outlier_score']}; max {w['absmax']}, mean {w['mean']}, "
-                              f"std {w['std']})" for w in block["worst_channels"])
-            lines.append(f"- {label}: range ratio {block['range_ratio']}, max outlier score "
-                         f"{block['max_outlier_score']}, max peak/std {block['max_peak_over_std']}; worst channels "
-                         f"(outlier score): {worst}")
-        if "after" not in info:
-            lines.append("- no smoothing or shift in this recipe for this linear")
-        lines.append("")
-        shown += 1
-        if shown >= min(top, 6):
-            break
-    prop = report.get("proposal")
-    if prop:
-        lines += ["## Proposed recipe", "",
-                  f"Budget {prop['budget']} = {prop['budget_value']} (unit of L); estimate {prop['start']} -> "
-                  f"{prop['estimate']} ({prop['estimate_db']} dB); {'fits' if prop['fits'] else 'does NOT fit'}"
-                  + (f"; measured on the proposal: {prop['measured_estimate']}" if "measured_estimate" in prop
-                     else ""), ""]
-        if prop.get("note"):
-            lines += [f"**Note:** {prop['note']}", ""]
-        if prop["steps"]:
-            lines += ["| step | unit | from | to | gain | estimate after |", "|---|---|---|---|---|---|"]
-            lines += [f"| {s['step']} | `{s['unit']}` | {s['from']} | {s['to']} | {s['gain']} | "
-                      f"{s['estimate_after']} |" for s in prop["steps"]]
-            lines += ["", f"`{prop['recipe_file']}`:", "", "```yaml", prop["recipe_yaml"].rstrip(), "```", ""]
-    if report.get("plots"):
-        lines += ["## Box plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
-    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -861,7 +723,8 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("--propose", action="store_true", help="write proposed-recipe.yaml that fits --budget")
     p.add_argument("--budget", default=DEFAULT_BUDGET,
                    help="allowed estimated loss: sum over linears of output noise/signal power (e.g. 0.02), or a "
-                        f"percentage of the recipe's own estimate (e.g. 50%%); default {DEFAULT_BUDGET.replace('%', '%%')}")
+                        "percentage of the recipe's own estimate (e.g. 50%%); "
+                        f"default {DEFAULT_BUDGET.replace('%', '%%')}")
     p.add_argument("--safer", choices=tuple(SAFER), default="dynamic",
                    help="the scheme sensitive linears move to (default dynamic = w8a8-dynamic)")
     p.add_argument("--verify", action="store_true", help="re-analyse the proposal and report its measured estimate")
@@ -874,8 +737,6 @@ def add_analyze_parser(sub) -> None:
 def run_analyze(args) -> int:
     model = args.model
     if not model:
-        from goldstick.testing.make_model import default_model_path
-
         model = default_model_path()
         print(f"model: the embedded default ({model})")
     result = analyze(model, args.recipe, out=args.out, calibration=args.calib, calib_samples=args.calib_samples,

@@ -5,7 +5,7 @@ quantized one(s) on the same C-Eval questions, writes the report (``ceval.json``
 
     0  every quantized model passes the gate
     3  at least one fails (the drop exceeds ``allowed_drop``, or its confidence interval says so: see ``gate``)
-    1  an error (bad job file, missing data or model)
+    2  bad input (bad job file, missing data or model; one line naming the file, key or line)
 
 The keys (eval/README.md has the full description; unknown keys are an error):
 
@@ -46,7 +46,11 @@ from typing import Any
 
 import yaml
 
-from goldstick.evaluation.ceval import CEvalError
+from goldstick.engine.pipeline import quantize
+from goldstick.evaluation.ceval_data import CEvalError
+from goldstick.evaluation.ceval_report import print_summary
+from goldstick.evaluation.ceval_run import parse_model_arg, resolve_model_dir, run_ceval
+from goldstick.quant.recipe import load_recipe
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 GATE_CHOICES = ("point", "significant", "strict")
@@ -78,10 +82,8 @@ class Job:
     batch_tokens: int = 4096
     out: str | None = None
 
-    def with_overrides(self, **changes: Any) -> "Job":
+    def with_overrides(self, **changes: Any) -> Job:
         if "quantized" in changes and isinstance(changes["quantized"], list):
-            from goldstick.evaluation.ceval import parse_model_arg
-
             taken: set[str] = {"float"}
             pairs = {}
             for text in changes["quantized"]:
@@ -212,10 +214,6 @@ def _validate(job: Job, where: str) -> None:
 
 def quantize_for_job(job: Job, recipe: str, progress: bool) -> tuple[str, Path]:
     """Quantize the job's float model with ``recipe`` into ``out/quantized/<recipe name>`` (fresh each run)."""
-    from goldstick.evaluation.ceval import resolve_model_dir
-    from goldstick.engine.pipeline import quantize
-    from goldstick.quant.recipe import load_recipe
-
     rec = load_recipe(recipe)
     target = job.out_dir / "quantized" / rec.name
     if target.exists():
@@ -232,9 +230,6 @@ def quantize_for_job(job: Job, recipe: str, progress: bool) -> tuple[str, Path]:
 
 def run_job(job: Job, progress: bool = True, plots: bool = True) -> int:
     """Run a job; returns the exit code (0 pass, 3 gate failed)."""
-    from goldstick.evaluation.ceval import run_ceval
-    from goldstick.evaluation.ceval_report import print_summary
-
     data = job.data or os.environ.get("GOLDSTICK_CEVAL_DIR")
     if not data:
         raise JobError(f"{job.file}: no data (set 'data' in the job or GOLDSTICK_CEVAL_DIR)")

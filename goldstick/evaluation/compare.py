@@ -14,9 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from goldstick.quant import algorithms as alg
 from goldstick.engine.calibration import load_calibration
 from goldstick.errors import UsageError
+from goldstick.io.export import detect_format
+from goldstick.io.loader import load_model
+from goldstick.model.tokenizer import load_tokenizer
+from goldstick.quant import algorithms as alg
+from goldstick.quant.numerics import log_softmax
 
 HELDOUT = "eval/heldout/heldout-zh-en.jsonl"
 
@@ -35,16 +39,8 @@ class Comparison:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def heldout_batches(model_dir: str | Path, data: str | Path = HELDOUT, samples: int = 16, seq_len: int = 128,
                     seed: int = 1234) -> list[np.ndarray]:
-    from goldstick.model.tokenizer import load_tokenizer
-
     tok = load_tokenizer(model_dir)
     return load_calibration(data, tok.tokenizer, samples=samples, seq_len=seq_len, seed=seed,
                             bos_id=tok.bos_id).batches
@@ -60,7 +56,7 @@ def compare_logits(float_logits: list[np.ndarray], quant_logits: list[np.ndarray
                    batches: list[np.ndarray]) -> Comparison:
     ref = np.concatenate([x.reshape(-1, x.shape[-1]) for x in float_logits])
     got = np.concatenate([x.reshape(-1, x.shape[-1]) for x in quant_logits])
-    lp_ref, lp_got = _log_softmax(ref), _log_softmax(got)
+    lp_ref, lp_got = log_softmax(ref), log_softmax(got)
     kl = np.sum(np.exp(lp_ref) * (lp_ref - lp_got), axis=-1)
     # perplexity of the text: position t predicts token t+1 within each window
     nll_ref, nll_got = [], []
@@ -89,9 +85,6 @@ def compare_models(float_dir: str | Path, quant_dir: str | Path, data: str | Pat
 
     Refuses a quantized ``float_dir`` (the two folders given the wrong way round), naming which is which.
     """
-    from goldstick.io.export import detect_format
-    from goldstick.io.loader import load_model
-
     float_format = detect_format(float_dir)
     if float_format is not None:
         quant_format = detect_format(quant_dir)

@@ -11,19 +11,20 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import re
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
-import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from goldstick.model.config import ConfigError, ModelConfig
-from goldstick.quant.fp8 import FP8, dequantize_fp8_blocks, scale_grid_shape
 from goldstick.errors import GoldstickError
+from goldstick.model.architecture import layer_of
+from goldstick.model.config import ConfigError, ModelConfig
+from goldstick.quant.fp8 import dequantize_fp8_blocks, scale_grid_shape
+from goldstick.quant.numerics import STORED_DTYPES
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -31,21 +32,7 @@ SCALE_SUFFIX = "_scale_inv"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library refuses larger headers too
 
 # safetensors dtype string -> numpy dtype, for every dtype this reader can read
-STORED_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(FP8),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-}
 SCALE_DTYPES = ("F32", "BF16", "F16")
-
-_LAYER_PREFIX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class CheckpointError(GoldstickError, ValueError):
@@ -143,19 +130,6 @@ def nonfinite_problem(file: str, name: str, values: np.ndarray) -> str | None:
             f"first at index {first}")
 
 
-def mtp_extra_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
-    """Tensors an MTP layer has on top of a normal decoder layer (R1 stores its own embedding and head copies)."""
-    p, h, v = f"model.layers.{layer}", config.hidden_size, config.vocab_size
-    return {
-        f"{p}.embed_tokens.weight": (v, h),
-        f"{p}.enorm.weight": (h,),
-        f"{p}.hnorm.weight": (h,),
-        f"{p}.eh_proj.weight": (h, 2 * h),
-        f"{p}.shared_head.norm.weight": (h,),
-        f"{p}.shared_head.head.weight": (v, h),
-    }
-
-
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """name -> shape of every tensor config.json implies: globals, main layers, then MTP layers.
 
@@ -167,13 +141,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     for layer in range(config.num_hidden_layers + config.num_nextn_predict_layers):
         shapes.update(config.layer_tensor_shapes(layer))
         if layer >= config.num_hidden_layers:
-            shapes.update(mtp_extra_shapes(config, layer))
+            shapes.update(config.mtp_extra_tensor_shapes(layer))
     return shapes
-
-
-def _layer_of(name: str) -> int | None:
-    match = _LAYER_PREFIX.match(name)
-    return int(match.group(1)) if match else None
 
 
 class CheckpointReader:
@@ -248,7 +217,7 @@ class CheckpointReader:
         # num_nextn_predict_layers); one that is stored must be complete.
         stored_mtp_layers = set(self.mtp_layers())
         for name, shape in self._expected.items():
-            layer = _layer_of(name)
+            layer = layer_of(name)
             if layer is not None and layer >= self.config.num_hidden_layers and layer not in stored_mtp_layers:
                 continue
             if name not in self._tensors:
@@ -329,14 +298,14 @@ class CheckpointReader:
 
     def mtp_layers(self) -> list[int]:
         """Indices of the stored layers past the main network (R1: [61])."""
-        return sorted({layer for layer in map(_layer_of, self.names())
+        return sorted({layer for layer in map(layer_of, self.names())
                        if layer is not None and layer >= self.config.num_hidden_layers})
 
     def mtp_tensor_names(self, layer: int | None = None) -> list[str]:
         """Tensors of the MTP layers (layer index >= num_hidden_layers), or of one MTP layer."""
         main = self.config.num_hidden_layers
         return [n for n in self.names()
-                if (index := _layer_of(n)) is not None and index >= main and (layer is None or index == layer)]
+                if (index := layer_of(n)) is not None and index >= main and (layer is None or index == layer)]
 
     def unknown_tensor_names(self) -> list[str]:
         """Stored tensors that are no global, main-layer, MTP or scale tensor config.json knows of."""
@@ -414,7 +383,7 @@ class CheckpointReader:
             handle.close()
         self._files.clear()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc_info) -> None:

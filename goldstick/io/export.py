@@ -35,17 +35,33 @@ import re
 import shutil
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
 
-from goldstick.io.checkpoint import CheckpointError, CheckpointReader
-from goldstick.model.config import ModelConfig
-from goldstick.io.files import sha256_file
-from goldstick.io.writer import ShardedWriter, write_json_atomic
 from goldstick.errors import GoldstickError
+from goldstick.io.checkpoint import CheckpointError, CheckpointReader
+from goldstick.io.files import sha256_file
+from goldstick.io.rundir import write_manifest  # re-exported: one manifest rule for every writer
+from goldstick.io.writer import ShardedWriter, write_json_atomic
+from goldstick.model.architecture import expert_of, fused_groups, layer_of, smoothing_groups
+from goldstick.model.config import ModelConfig
+from goldstick.model.names import summarize_names
+from goldstick.quant.algorithms import deq_scale, quant_bias_zero_point
+from goldstick.quant.recipe import RecipeError, load_recipe, shipped_recipes
+from goldstick.quant.schemes import (
+    FLOAT,
+    FLOAT_LABEL,
+    LABEL_TO_SCHEME,
+    PACK_QUANTIZED,
+    SCHEME_TO_LABEL,
+    SCHEMES,
+    W8A8_DYNAMIC,
+    W8A8_STATIC,
+    W8A16,
+)
 
 MINDSPORE = "mindspore"
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -57,24 +73,7 @@ CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this follow
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 PROVENANCE_FILES = ("recipe.yaml", "report.json", "report.md")
 
-# mindspore description label <-> our scheme name (as in recipes) <-> compressed-tensors group
-LABEL_TO_SCHEME = {"W8A8": "w8a8-static", "W8A8_DYNAMIC": "w8a8-dynamic", "W8A16": "w8a16"}
-SCHEME_TO_LABEL = {v: k for k, v in LABEL_TO_SCHEME.items()}
-
-_INT8_CHANNEL_WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
-                         "strategy": "channel", "dynamic": False, "observer": "minmax"}
-CT_SCHEMES = {
-    # vLLM: CompressedTensorsW8A8Int8(is_static_input_scheme=True, input_symmetric=False)
-    "w8a8-static": {"format": "int-quantized", "weights": _INT8_CHANNEL_WEIGHTS,
-                    "input_activations": {"num_bits": 8, "type": "int", "symmetric": False, "group_size": None,
-                                          "strategy": "tensor", "dynamic": False, "observer": "minmax"}},
-    # vLLM: CompressedTensorsW8A8Int8(is_static_input_scheme=False); the only int8 scheme its fused MoE takes
-    "w8a8-dynamic": {"format": "int-quantized", "weights": _INT8_CHANNEL_WEIGHTS,
-                     "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
-                                           "strategy": "token", "dynamic": True, "observer": None}},
-    # vLLM: CompressedTensorsWNA16 (dense) / CompressedTensorsWNA16(Marlin)MoEMethod
-    "w8a16": {"format": "pack-quantized", "weights": _INT8_CHANNEL_WEIGHTS, "input_activations": None},
-}
+# Description labels, scheme names and each scheme's compressed-tensors config group: goldstick.quant.schemes.
 
 # Why a model cannot go to compressed-tensors: key -> explanation (the order of the error message).
 REFUSALS = {
@@ -114,44 +113,8 @@ def _is_bf16(x: np.ndarray) -> bool:
     return bool(np.array_equal(x.astype(BF16).astype(np.float32), x))
 
 
-def _layer_of(name: str) -> int | None:
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
 def _is_routed_expert(name: str) -> bool:
-    return re.search(r"\.mlp\.experts\.\d+\.", name) is not None
-
-
-def _ranges(numbers: set[int]) -> str:
-    nums, parts, i = sorted(numbers), [], 0
-    while i < len(nums):
-        j = i
-        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
-            j += 1
-        parts.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
-        i = j + 1
-    return parts[0] if len(parts) == 1 and "-" not in parts[0] else "{" + ",".join(parts) + "}"
-
-
-def summarize_names(names) -> str:
-    """``model.layers.{1-3}.mlp.experts.{0-15}.{down_proj,gate_proj,up_proj} (144)``: names folded on their numbers."""
-    by_shape: dict[tuple, list[list[str]]] = defaultdict(list)
-    for name in sorted(set(names)):
-        parts = name.split(".")
-        by_shape[tuple("#" if p.isdigit() else p for p in parts[:-1])].append(parts)
-    merged: dict[tuple, set[str]] = defaultdict(set)
-    counts: dict[tuple, int] = defaultdict(int)
-    for shape, members in by_shape.items():
-        numbers = tuple(_ranges({int(m[i]) for m in members}) if tok == "#" else tok
-                        for i, tok in enumerate(shape))
-        merged[numbers] |= {m[-1] for m in members}
-        counts[numbers] += len(members)
-    out = []
-    for prefix, lasts in merged.items():
-        last = next(iter(lasts)) if len(lasts) == 1 else "{" + ",".join(sorted(lasts)) + "}"
-        out.append(".".join(prefix + (last,)) + (f" ({counts[prefix]})" if counts[prefix] > 1 else ""))
-    return "; ".join(out)
+    return expert_of(name) is not None
 
 
 def refusal_message(problems: dict[str, list[str]], what: str, cfg: ModelConfig) -> str:
@@ -167,8 +130,6 @@ def refusal_message(problems: dict[str, list[str]], what: str, cfg: ModelConfig)
 
 def exportable_recipes(cfg: ModelConfig) -> list[str]:
     """The shipped recipes whose plan for ``cfg`` compressed-tensors can hold (read from the recipes themselves)."""
-    from goldstick.quant.recipe import load_recipe, shipped_recipes
-
     names = []
     for name in shipped_recipes():
         try:
@@ -225,16 +186,6 @@ def unpack_int8(packed: np.ndarray, shape) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ per-linear conversion
-def _deq_scale(act_scale, w_scale) -> np.ndarray:
-    # as goldstick.quant.algorithms.deq_scale: float64 product, rounded once to float32
-    return (np.float64(act_scale) * np.asarray(w_scale, np.float64)).astype(np.float32)
-
-
-def _zero_point_bias(q: np.ndarray, zero_point: int) -> np.ndarray:
-    # as goldstick.quant.algorithms.quant_bias_zero_point: -zp * sum_k Wq[n, k], exact in int64
-    return (-int(zero_point) * np.asarray(q).astype(np.int64).sum(axis=1))
-
-
 def mindspore_to_ct(name: str, label: str, t: dict[str, np.ndarray]) -> tuple[str, dict, list[str], tuple | None]:
     """One quantized linear, mindspore layout -> compressed-tensors tensors.
 
@@ -249,13 +200,14 @@ def mindspore_to_ct(name: str, label: str, t: dict[str, np.ndarray]) -> tuple[st
         raise ExportError(f"{name}.weight: a {label} weight must be int8 [out, in], found {q.dtype} {q.shape}")
     out_f = q.shape[0]
     problems = []
-    if scheme != "w8a8-static":
+    spec = SCHEMES[scheme]
+    if not spec.static:
         if np.any(np.asarray(t.get("weight_offset", 0)) != 0):
             problems.append("weight-offset")
         scale = np.asarray(t["weight_scale"], np.float32).reshape(out_f, 1)
         if problems:
             return scheme, {}, problems, None
-        if scheme == "w8a16":
+        if spec.compressed_tensors.format == PACK_QUANTIZED:
             return scheme, {"weight_packed": pack_int8(q), "weight_shape": np.array(q.shape, np.int64),
                             "weight_scale": scale.astype(BF16)}, [], None
         return scheme, {"weight": q, "weight_scale": scale.astype(BF16)}, [], None
@@ -274,11 +226,11 @@ def mindspore_to_ct(name: str, label: str, t: dict[str, np.ndarray]) -> tuple[st
         problems.append("per-channel-input")
         return scheme, {}, problems, None  # no per-tensor scale and zero point to check the rest against
     act, zp = np.float32(input_scale[0]), int(offset[0])
-    if np.any(np.asarray(t["quant_bias"]).astype(np.int64) != _zero_point_bias(q, zp)):
+    if np.any(np.asarray(t["quant_bias"]).astype(np.int64) != quant_bias_zero_point(q, zp)):
         problems.append("quant-bias")
     deq = np.asarray(t["deq_scale"], np.float32)
     w_scale = (deq.astype(np.float64) / np.float64(act)).astype(np.float32)
-    if not (_is_bf16(w_scale) and np.array_equal(_deq_scale(act, w_scale), deq)):
+    if not (_is_bf16(w_scale) and np.array_equal(deq_scale(act, w_scale), deq)):
         problems.append("deq-scale")
     if problems:
         return scheme, {}, problems, None
@@ -306,7 +258,7 @@ def ct_to_mindspore(name: str, scheme: str, t: dict[str, np.ndarray]) -> dict[st
     w_scale = w_scale.reshape(out_f)
     if not _is_bf16(w_scale):
         raise ExportError(f"{name}.weight_scale: not bf16-representable; the mindspore layout stores it in bf16")
-    if scheme in ("w8a8-dynamic", "w8a16"):
+    if not SCHEMES[scheme].static:
         return {"weight": q, "weight_scale": w_scale.astype(BF16), "weight_offset": np.zeros(out_f, np.int32)}
     act = np.asarray(t["input_scale"], np.float32).reshape(-1)
     zp_arr = np.asarray(t.get("input_zero_point", np.zeros(1, np.int8))).reshape(-1)
@@ -316,8 +268,8 @@ def ct_to_mindspore(name: str, scheme: str, t: dict[str, np.ndarray]) -> dict[st
     if not _is_bf16(act):
         raise ExportError(f"{name}.input_scale: not bf16-representable; the mindspore layout stores it in bf16")
     zp = int(zp_arr[0])
-    return {"weight": q, "deq_scale": _deq_scale(act[0], w_scale),
-            "quant_bias": _zero_point_bias(q, zp).astype(np.int32),
+    return {"weight": q, "deq_scale": deq_scale(act[0], w_scale),
+            "quant_bias": quant_bias_zero_point(q, zp).astype(np.int32),
             "input_scale": np.full(in_f, act[0], np.float32).astype(BF16),
             "input_offset": np.full(in_f, zp, np.int8)}
 
@@ -338,8 +290,6 @@ def plan_problems(cfg: ModelConfig, plan) -> dict[str, list[str]]:
     Static linears whose suppression method is shared by every linear their norm feeds fold it into that norm
     (``LayerQuantizer._static_groups``); the others keep it explicit, per channel.
     """
-    from goldstick.quant.recipe import smoothing_groups
-
     problems: dict[str, list[str]] = defaultdict(list)
     entries = {e.name: e.scheme for e in plan}
     for layer in range(cfg.num_hidden_layers):
@@ -367,7 +317,7 @@ def plan_problems(cfg: ModelConfig, plan) -> dict[str, list[str]]:
     return dict(problems)
 
 
-# ---------------------------------------------------------------------------------------------- compressed-tensors config
+# -------------------------------------------------------------------------------------------- compressed-tensors config
 def _generalize(name: str, level: int) -> str:
     """Regex for ``name`` with its numbers wildcarded: level 0 all, 1 all but the layer index, 2 none."""
     parts = name.split(".")
@@ -379,21 +329,21 @@ def _generalize(name: str, level: int) -> str:
 
 
 def ct_targets(schemes: dict[str, str]) -> dict[str, list[str]]:
-    """Targets of each quantized scheme's config group, given every main-model linear's scheme ("float" too).
+    """Targets of each quantized scheme's config group, given every main-model linear's scheme (FLOAT too).
 
     One quantized scheme: ``["Linear"]`` (the float linears go to ``ignore``), as llm-compressor writes it.
     Several: ``re:`` patterns with layer / expert numbers wildcarded wherever that covers only linears of one
     scheme (float linears may be covered: ``ignore`` wins in both compressed-tensors and vLLM).
     """
-    quantized = sorted({s for s in schemes.values() if s != "float"})
+    quantized = sorted({s for s in schemes.values() if s != FLOAT})
     if len(quantized) <= 1:
         return {s: ["Linear"] for s in quantized}
     targets: dict[str, set[str]] = defaultdict(set)
-    pending = {n: s for n, s in schemes.items() if s != "float"}
+    pending = {n: s for n, s in schemes.items() if s != FLOAT}
     for level in (0, 1, 2):
         owners: dict[str, set[str]] = defaultdict(set)
         for n, s in schemes.items():
-            if s != "float":
+            if s != FLOAT:
                 owners[_generalize(n, level)].add(s)
         for n, s in list(pending.items()):
             pattern = _generalize(n, level)
@@ -408,13 +358,13 @@ def ct_quantization_config(schemes: dict[str, str], mtp_layers: list[int]) -> di
     targets = ct_targets(schemes)
     groups = {}
     for i, scheme in enumerate(sorted(targets)):
-        spec = CT_SCHEMES[scheme]
-        groups[f"group_{i}"] = {"targets": targets[scheme], "weights": dict(spec["weights"]),
-                                "input_activations": dict(spec["input_activations"]) if spec["input_activations"]
+        spec = SCHEMES[scheme].compressed_tensors
+        groups[f"group_{i}"] = {"targets": targets[scheme], "weights": dict(spec.weights),
+                                "input_activations": dict(spec.input_activations) if spec.input_activations
                                 else None,
-                                "output_activations": None, "format": spec["format"]}
+                                "output_activations": None, "format": spec.format}
     formats = {g["format"] for g in groups.values()}
-    ignore = [n for n, s in schemes.items() if s == "float"]
+    ignore = [n for n, s in schemes.items() if s == FLOAT]
     # the MTP layer stays bf16; vLLM names its modules model.layers.<N>.mtp_block.*, hence a prefix pattern
     ignore += [f"re:^model\\.layers\\.{layer}\\." for layer in mtp_layers]
     return {
@@ -431,7 +381,7 @@ def ct_quantization_config(schemes: dict[str, str], mtp_layers: list[int]) -> di
     }
 
 
-def _ct_group_scheme(group_name: str, group: dict) -> str:
+def ct_group_scheme(group_name: str, group: dict) -> str:
     """Our scheme name for one compressed-tensors config group, or ExportError for what goldstick cannot run."""
     w, a = group.get("weights") or {}, group.get("input_activations")
 
@@ -442,20 +392,35 @@ def _ct_group_scheme(group_name: str, group: dict) -> str:
             or w.get("strategy") != "channel" or w.get("dynamic"):
         fail(f"weights {w} are not int8 per-channel symmetric")
     if a is None:
-        return "w8a16"
+        return W8A16
     if a.get("num_bits") != 8 or a.get("type", "int") != "int":
         fail(f"input activations {a} are not int8")
     if a.get("dynamic") is True and a.get("strategy") == "token" and a.get("symmetric", True):
-        return "w8a8-dynamic"
+        return W8A8_DYNAMIC
     if not a.get("dynamic") and a.get("strategy") == "tensor":
-        return "w8a8-static"
+        return W8A8_STATIC
     fail(f"input activations {a} are neither dynamic per-token symmetric nor static per-tensor")
 
 
-def _ct_match(name: str, target: str) -> bool:
+def ct_groups(qc: dict) -> list[tuple[str, list[str]]]:
+    """(scheme, targets) of each config group of a compressed-tensors ``quantization_config``, in order."""
+    groups = qc.get("config_groups") or {}
+    return [(ct_group_scheme(k, g), list(g.get("targets") or [])) for k, g in groups.items()]
+
+
+def ct_match(name: str, target: str) -> bool:
+    """Does a config group / ignore target (``re:<regex>``, a module name or ``Linear``) cover linear ``name``?"""
     if target.startswith("re:"):
         return re.match(target[3:], name) is not None
     return target == name or target == "Linear"
+
+
+def ct_scheme_of(linear: str, groups: list[tuple[str, list[str]]], ignore: list[str]) -> str:
+    """A linear's scheme as vLLM decides: ``ignore`` first (where ``Linear`` ignores nothing), then the first
+    group with a matching target; FLOAT when none matches."""
+    if any(ct_match(linear, t) for t in ignore if t != "Linear"):
+        return FLOAT
+    return next((s for s, targets in groups if any(ct_match(linear, t) for t in targets)), FLOAT)
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -487,7 +452,7 @@ class MindSporeSource:
 
     def entries(self, include_mtp: bool = True) -> Iterator[tuple[str, str, object]]:
         main = self.config.num_hidden_layers
-        for layer, names in _by_layer(self.reader.names(), main, include_mtp):
+        for _, names in _by_layer(self.reader.names(), main, include_mtp):
             owners: dict[str, dict] = defaultdict(dict)
             labels: dict[str, str] = {}
             for name in names:
@@ -495,8 +460,8 @@ class MindSporeSource:
                 if label is None:
                     raise CheckpointError(f"{DESCRIPTION_FILE}: tensor '{name}' (in {self.reader.file_of(name)}) "
                                           "has no label")
-                if label == "FLOAT":
-                    yield name, "FLOAT", self.reader.read_raw(name)
+                if label == FLOAT_LABEL:
+                    yield name, FLOAT_LABEL, self.reader.read_raw(name)
                 else:
                     owner, _, local = name.rpartition(".")
                     owners[owner][local] = name
@@ -510,7 +475,7 @@ class MindSporeSource:
 def _by_layer(names, main_layers: int, include_mtp: bool) -> Iterator[tuple[int | None, list[str]]]:
     groups: dict[int, list[str]] = defaultdict(list)
     for name in names:
-        layer = _layer_of(name)
+        layer = layer_of(name)
         if layer is not None and layer >= main_layers and not include_mtp:
             continue
         groups[-1 if layer is None else layer].append(name)
@@ -554,33 +519,27 @@ class CompressedTensorsSource:
         if qc.get("quantization_status", "compressed") != "compressed":
             raise ExportError(f"{self.path}: quantization_status is {qc.get('quantization_status')!r}; only "
                               "compressed checkpoints hold integer weights")
-        self.groups = [(_ct_group_scheme(k, g), list(g.get("targets") or []))
-                       for k, g in (qc.get("config_groups") or {}).items()]
+        self.groups = ct_groups(qc)
         self.ignore = list(qc.get("ignore") or [])
         self.linears = set(self.config.linear_names())
 
     def scheme_of(self, linear: str) -> str:
         """The scheme of a main-model linear: as vLLM decides, ignore first, then the first matching group."""
-        if any(_ct_match(linear, t) for t in self.ignore if t != "Linear"):
-            return "float"
-        for scheme, targets in self.groups:
-            if any(_ct_match(linear, t) for t in targets):
-                return scheme
-        return "float"
+        return ct_scheme_of(linear, self.groups, self.ignore)
 
     def entries(self, include_mtp: bool = True) -> Iterator[tuple[str, str, object]]:
         main = self.config.num_hidden_layers
-        for layer, names in _by_layer(self.reader.names(), main, include_mtp):
+        for _, names in _by_layer(self.reader.names(), main, include_mtp):
             owners: dict[str, dict] = defaultdict(dict)
             for name in names:
                 owner, _, local = name.rpartition(".")
-                if owner in self.linears and self.scheme_of(owner) != "float":
+                if owner in self.linears and self.scheme_of(owner) != FLOAT:
                     owners[owner][local] = name
                     continue
                 if self.reader.dtype(name).startswith(("I", "U")):
                     raise ExportError(f"{name}: an integer tensor outside the quantized linears of the "
                                       "quantization_config (ignored, or in the MTP layer goldstick keeps float)")
-                yield name, "FLOAT", self.reader.read_raw(name)
+                yield name, FLOAT_LABEL, self.reader.read_raw(name)
             for owner, locals_ in owners.items():
                 scheme = self.scheme_of(owner)
                 tensors = {k: self.reader.read_raw(v) for k, v in locals_.items()}
@@ -617,13 +576,13 @@ class CheckpointWriter:
                                                                       overwrite=True)
         self.labels: dict[str, str] = {}
         self.linears = set(cfg.linear_names())
-        self.schemes: dict[str, str] = {}  # main-model linear -> scheme ("float" included)
+        self.schemes: dict[str, str] = {}  # main-model linear -> scheme (FLOAT included)
         self.static: dict[str, tuple] = {}  # static linear -> (input_scale, zero_point), compressed-tensors
         self.problems: dict[str, list[str]] = defaultdict(list)
         self.mtp_layers: set[int] = set()
 
     def add(self, name: str, label: str, value) -> None:
-        if label == "FLOAT":
+        if label == FLOAT_LABEL:
             self._add_float(name, np.asarray(value))
         else:
             self._add_linear(name, label, value)
@@ -634,16 +593,16 @@ class CheckpointWriter:
         self.labels[name] = label
 
     def _add_float(self, name: str, array: np.ndarray) -> None:
-        layer = _layer_of(name)
+        layer = layer_of(name)
         if layer is not None and layer >= self.cfg.num_hidden_layers:
             self.mtp_layers.add(layer)
         owner = name.rpartition(".")[0]
         if name.endswith(".weight") and owner in self.linears:
-            self.schemes[owner] = "float"
+            self.schemes[owner] = FLOAT
         if self.fmt == COMPRESSED_TENSORS and name.endswith(".bias") and "norm" in owner.rpartition(".")[2] \
                 and (layer is None or layer < self.cfg.num_hidden_layers):
             self.problems["norm-bias"].append(name)
-        self._put(name, array, "FLOAT")
+        self._put(name, array, FLOAT_LABEL)
 
     def _add_linear(self, owner: str, label: str, tensors: dict) -> None:
         scheme = LABEL_TO_SCHEME.get(label)
@@ -665,8 +624,6 @@ class CheckpointWriter:
             self._put(f"{owner}.{local}", converted[local], label)
 
     def _check_fused(self) -> None:
-        from goldstick.quant.recipe import fused_groups
-
         for layer in range(self.cfg.num_hidden_layers):
             for group in fused_groups(self.cfg, layer):
                 kinds = {self.schemes.get(m) for m in group.linears}
@@ -720,17 +677,6 @@ def scheme_counts(schemes: dict[str, str]) -> dict[str, int]:
     return dict(counts)
 
 
-def write_manifest(out: Path, known: dict[str, str] | None = None, **extra) -> None:
-    """manifest.json, last: sha256 and size of every other file (the same shape quantize writes). ``known``: sha256
-    the caller already computed, by relative path (the streaming path hashes each shard as soon as it is written)."""
-    files = {}
-    for path in sorted(Path(out).rglob("*")):
-        if path.is_file() and path.name != "manifest.json" and not path.name.startswith("."):
-            rel = str(path.relative_to(out))
-            files[rel] = {"sha256": (known or {}).get(rel) or sha256_file(path), "bytes": path.stat().st_size}
-    write_json_atomic(Path(out) / "manifest.json", {"producer": "goldstick", **extra, "files": files})
-
-
 # ------------------------------------------------------------------------------------------------ export command
 def export_checkpoint(src: str | Path, out: str | Path, fmt: str,
                       max_shard_bytes: int = 4 << 30) -> Path:
@@ -771,8 +717,6 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: str,
 
 def _recipe_counts(path: Path, cfg: ModelConfig) -> tuple[str | None, dict | None]:
     """The recipe name and plan counts of a checkpoint's recipe.yaml (None, None when absent or unreadable)."""
-    from goldstick.quant.recipe import RecipeError, load_recipe
-
     if not path.is_file():
         return None, None
     try:

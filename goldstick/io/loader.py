@@ -1,25 +1,29 @@
 """``load_model(path)``: a checkpoint directory -> the MindSpore network with its weights.
 
 A float checkpoint (F32/BF16/F16/FP8-block) builds the plain network. A quantized checkpoint (one that holds a
-``quantization_description.json``) builds the same network with the quantized linear cells of ``qlinear.py``
-swapped in, loaded from the stored int8 weights and scales; its logits equal those the engine measured.
+``quantization_description.json``) builds the same network with the quantized linear cells of its schemes
+(``goldstick.quant.schemes``: the CPU twins of ``goldstick.quant.cells`` or the Ascend cells) swapped in, loaded
+from the stored int8 weights and scales; its logits equal those the engine measured.
+
+MindSpore is imported when a model is built (``setup_mindspore`` first), not when this module is.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from goldstick.io.checkpoint import CheckpointError, CheckpointReader, nonfinite_problem
+import numpy as np
+
 from goldstick.errors import UsageError
+from goldstick.io.checkpoint import CheckpointError, CheckpointReader, nonfinite_problem
+from goldstick.io.export import COMPRESSED_TENSORS, DESCRIPTION_FILE, CompressedTensorsSource, detect_format
+from goldstick.io.verification import verify as verify_checkpoint
+from goldstick.model.architecture import layer_of
 from goldstick.model.runtime import setup_mindspore
-
-DESCRIPTION_FILE = "quantization_description.json"
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-
+from goldstick.quant.schemes import FLOAT_LABEL
 
 BACKENDS = ("cpu", "ascend")
 
@@ -45,11 +49,8 @@ def load_model(path: str | Path, backend: str = "cpu", progress: bool = False, g
     if backend not in BACKENDS:
         raise UsageError(f"backend {backend!r} is not one of {BACKENDS}")
     if verify:
-        from goldstick.io.verification import verify as verify_checkpoint
-
         verify_checkpoint(path).raise_if_failed()
     setup_mindspore()
-    from goldstick.io.export import COMPRESSED_TENSORS, detect_format
     from goldstick.model.network import DeepseekV3ForCausalLM
 
     if detect_format(path) == COMPRESSED_TENSORS:
@@ -92,13 +93,13 @@ def _load_quantized(net, reader: CheckpointReader, description: Path, backend: s
     quantized: dict[str, dict] = defaultdict(dict)
     floats, norm_biases = {}, {}
     for name in reader.names():
-        match = _LAYER.match(name)
-        if match and int(match.group(1)) >= cfg.num_hidden_layers:
+        layer = layer_of(name)
+        if layer is not None and layer >= cfg.num_hidden_layers:
             continue  # MTP: passed through, not part of the main network
         label = labels.get(name)
         if label is None:
             raise CheckpointError(f"{description.name}: tensor '{name}' (in {reader.file_of(name)}) has no label")
-        if label == "FLOAT":
+        if label == FLOAT_LABEL:
             if name.endswith("layernorm.bias"):
                 norm_biases[name] = reader.read(name)
             else:
@@ -126,9 +127,6 @@ def _load_quantized(net, reader: CheckpointReader, description: Path, backend: s
 def _load_compressed_tensors(path, backend: str):
     """A compressed-tensors checkpoint written by goldstick: converted linear by linear to the mindspore layout
     (goldstick.io.export.CompressedTensorsSource), so it gets the same cells and the same logits."""
-    import numpy as np
-
-    from goldstick.io.export import CompressedTensorsSource
     from goldstick.model.network import DeepseekV3ForCausalLM
     from goldstick.quant.cells import cell_from_tensors, replace_cell
 
@@ -136,7 +134,7 @@ def _load_compressed_tensors(path, backend: str):
     net = DeepseekV3ForCausalLM(source.config)
     floats, cells = {}, []
     for name, label, value in source.entries(include_mtp=False):
-        if label == "FLOAT":
+        if label == FLOAT_LABEL:
             floats[name] = np.asarray(value, dtype=np.float32)
             continue
         try:

@@ -27,21 +27,35 @@ The module is not called ``verify.py``: a submodule of that name would shadow th
 from __future__ import annotations
 
 import json
-import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from goldstick.io.checkpoint import INDEX_FILE, STORED_DTYPES, CheckpointError, TensorInfo, expected_shapes, \
-    read_safetensors_header
-from goldstick.model.config import ConfigError, ModelConfig
 from goldstick.errors import GoldstickError
+from goldstick.io.checkpoint import (
+    INDEX_FILE,
+    CheckpointError,
+    TensorInfo,
+    expected_shapes,
+    read_safetensors_header,
+)
+from goldstick.io.export import (
+    COMPRESSED_TENSORS,
+    DESCRIPTION_FILE,
+    MINDSPORE,
+    ExportError,
+    ct_groups,
+    ct_scheme_of,
+)
 from goldstick.io.files import sha256_file
+from goldstick.model.architecture import layer_of
+from goldstick.model.config import ConfigError, ModelConfig
+from goldstick.quant.numerics import STORED_DTYPES
+from goldstick.quant.schemes import FLOAT, FLOAT_LABEL, LABEL_TO_SCHEME, SCHEMES, quantized_by_label
 
 MANIFEST = "manifest.json"
-DESCRIPTION_FILE = "quantization_description.json"
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _SCALES = ("deq_scale", "input_scale", "weight_scale")
 
 
@@ -70,7 +84,7 @@ class VerifyReport:
         lines = [f"{head}: {len(self.problems)} problem(s)"]
         return "\n".join(lines + [f"  - {p}" for p in self.problems])
 
-    def raise_if_failed(self) -> "VerifyReport":
+    def raise_if_failed(self) -> VerifyReport:
         if self.problems:
             raise VerifyError(self.summary())
         return self
@@ -94,10 +108,10 @@ def verify(path: str | Path, hashes: bool = True) -> VerifyReport:
     raw_config = json.loads((path / "config.json").read_text())
     qc = raw_config.get("quantization_config") or {}
     if (path / DESCRIPTION_FILE).exists():
-        report.format = "mindspore"
+        report.format = MINDSPORE
         expected = _mindspore_layout(path, config, tensors, report)
-    elif qc.get("quant_method") == "compressed-tensors":
-        report.format = "compressed-tensors"
+    elif qc.get("quant_method") == COMPRESSED_TENSORS:
+        report.format = COMPRESSED_TENSORS
         expected = _compressed_tensors_layout(config, qc, tensors, report)
     else:
         report.problems.append(f"{path}: not a quantized goldstick checkpoint (no {DESCRIPTION_FILE} and no "
@@ -182,11 +196,11 @@ def _float_dtype(name: str) -> str:
 
 def _float_shapes(config: ModelConfig, tensors: dict[str, TensorInfo]) -> dict[str, tuple[int, ...]]:
     """Shapes of the float tensors config.json implies, MTP layers only when stored (goldstick passes them on)."""
-    stored_layers = {int(m.group(1)) for n in tensors if (m := _LAYER.match(n))}
+    stored_layers = {layer_of(n) for n in tensors} - {None}
     shapes = {}
     for name, shape in expected_shapes(config).items():
-        m = _LAYER.match(name)
-        if m and int(m.group(1)) >= config.num_hidden_layers and int(m.group(1)) not in stored_layers:
+        layer = layer_of(name)
+        if layer is not None and layer >= config.num_hidden_layers and layer not in stored_layers:
             continue
         shapes[name] = shape
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
@@ -197,16 +211,6 @@ def _float_shapes(config: ModelConfig, tensors: dict[str, TensorInfo]) -> dict[s
 def _linear_dims(config: ModelConfig, shapes: dict, owner: str) -> tuple[int, int] | None:
     shape = shapes.get(f"{owner}.weight")
     return (shape[0], shape[1]) if shape is not None and len(shape) == 2 else None
-
-
-MINDSPORE_LOCALS = {
-    "W8A8": lambda o, i: {"weight": ("I8", (o, i)), "deq_scale": ("F32", (o,)), "quant_bias": ("I32", (o,)),
-                          "input_scale": ("BF16", (i,)), "input_offset": ("I8", (i,))},
-    "W8A8_DYNAMIC": lambda o, i: {"weight": ("I8", (o, i)), "weight_scale": ("BF16", (o,)),
-                                  "weight_offset": ("I32", (o,))},
-    "W8A16": lambda o, i: {"weight": ("I8", (o, i)), "weight_scale": ("BF16", (o,)), "weight_offset": ("I32", (o,))},
-}
-OPTIONAL_LOCALS = {"W8A8": lambda o, i: {"beta": ("BF16", (i,))}}
 
 
 def _mindspore_layout(path: Path, config: ModelConfig, tensors: dict[str, TensorInfo],
@@ -229,7 +233,7 @@ def _mindspore_layout(path: Path, config: ModelConfig, tensors: dict[str, Tensor
     for name, label in labels.items():
         if name not in tensors:
             continue  # reported above
-        if label == "FLOAT":
+        if label == FLOAT_LABEL:
             if name in shapes:
                 expected[name] = (_float_dtype(name), shapes[name])
             elif name.endswith("layernorm.bias") and name[:-4] + "weight" in shapes:  # an OS+ shift, folded
@@ -237,9 +241,9 @@ def _mindspore_layout(path: Path, config: ModelConfig, tensors: dict[str, Tensor
             else:
                 report.problems.append(f"{DESCRIPTION_FILE}: '{name}' (FLOAT) is no tensor config.json implies")
             continue
-        if label not in MINDSPORE_LOCALS:
-            report.problems.append(f"{DESCRIPTION_FILE}: '{name}' has label {label!r}, not one of FLOAT, "
-                                   f"{', '.join(MINDSPORE_LOCALS)}")
+        if label not in LABEL_TO_SCHEME:
+            report.problems.append(f"{DESCRIPTION_FILE}: '{name}' has label {label!r}, not one of {FLOAT_LABEL}, "
+                                   f"{', '.join(LABEL_TO_SCHEME)}")
             continue
         owner = name.rpartition(".")[0]
         if owners.setdefault(owner, label) != label:
@@ -251,7 +255,8 @@ def _mindspore_layout(path: Path, config: ModelConfig, tensors: dict[str, Tensor
             report.problems.append(f"{DESCRIPTION_FILE}: '{owner}' is labelled {label} but is no linear of the "
                                    "main network in config.json")
             continue
-        required, optional = MINDSPORE_LOCALS[label](*dims), OPTIONAL_LOCALS.get(label, lambda o, i: {})(*dims)
+        scheme = quantized_by_label(label)
+        required, optional = scheme.layout(*dims), scheme.layout(*dims, optional=True)
         described = {n.rpartition(".")[2] for n in labels if n.rpartition(".")[0] == owner}
         for local in sorted(set(required) - described):
             report.problems.append(f"'{owner}.{local}': missing; a {label} linear needs "
@@ -267,38 +272,22 @@ def _mindspore_layout(path: Path, config: ModelConfig, tensors: dict[str, Tensor
 
 def _compressed_tensors_layout(config: ModelConfig, qc: dict, tensors: dict[str, TensorInfo],
                                report: VerifyReport) -> dict[str, tuple[str, tuple]] | None:
-    from goldstick.io.export import ExportError, _ct_group_scheme, _ct_match
-
     try:
-        groups = [(_ct_group_scheme(k, g), list(g.get("targets") or []))
-                  for k, g in (qc.get("config_groups") or {}).items()]
+        groups = ct_groups(qc)
     except (ExportError, AttributeError, TypeError) as exc:
         report.problems.append(f"config.json: quantization_config: {exc}")
         return None
-    ignore = [t for t in (qc.get("ignore") or []) if t != "Linear"]
+    ignore = list(qc.get("ignore") or [])
     linears = set(config.linear_names())
-
-    def scheme_of(linear: str) -> str:  # as vLLM decides: ignore first, then the first matching group
-        if any(_ct_match(linear, t) for t in ignore):
-            return "float"
-        return next((s for s, targets in groups if any(_ct_match(linear, t) for t in targets)), "float")
-
     shapes = _float_shapes(config, tensors)
     expected: dict[str, tuple[str, tuple]] = {}
     for name, shape in shapes.items():
         owner = name[: -len(".weight")] if name.endswith(".weight") else None
-        scheme = scheme_of(owner) if owner in linears else "float"
-        if scheme == "float":
+        scheme = ct_scheme_of(owner, groups, ignore) if owner in linears else FLOAT
+        if scheme == FLOAT:
             expected[name] = (_float_dtype(name), shape)
             continue
-        o, i = shape
-        locals_ = {"weight_scale": ("BF16", (o, 1))}
-        if scheme == "w8a16":
-            locals_ |= {"weight_packed": ("I32", (o, -(-i // 4))), "weight_shape": ("I64", (2,))}
-        else:
-            locals_["weight"] = ("I8", (o, i))
-        if scheme == "w8a8-static":
-            locals_ |= {"input_scale": ("BF16", (1,)), "input_zero_point": ("I8", (1,))}
+        locals_ = SCHEMES[scheme].compressed_tensors.layout(*shape)
         expected.update({f"{owner}.{k}": v for k, v in locals_.items()})
     for name in sorted(set(tensors) - set(expected)):
         report.problems.append(f"{tensors[name].file}: tensor '{name}' is not described by config.json's "
@@ -360,8 +349,6 @@ def add_verify_parser(sub) -> None:
 
 
 def run_verify(args) -> int:
-    import sys
-
     report = verify(args.path, hashes=not args.no_hash)
     print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 2

@@ -36,14 +36,14 @@ import json
 import os
 import struct
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
 
-from goldstick.io.faults import stall
 from goldstick.errors import GoldstickError
+from goldstick.io.faults import stall
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -306,7 +306,7 @@ class ShardedWriter:
         if self._state != "open":
             raise WriterError(f"this ShardedWriter is {self._state}")
 
-    def __enter__(self) -> "ShardedWriter":
+    def __enter__(self) -> ShardedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -338,8 +338,8 @@ def write_json_atomic(path: str | Path, obj: object) -> Path:
 class PlannedShardWriter:
     """Shards whose tensors are known (name, dtype, shape) before any data exists, written in place.
 
-    The streaming path (goldstick.engine.stream) knows every output tensor from the plan, so instead of buffering a shard
-    in memory this writer lays the shards out up front, exactly as ``ShardedWriter`` would cut them for the same
+    The streaming path (goldstick.engine.stream) knows every output tensor from the plan, so instead of buffering a
+    shard in memory this writer lays the shards out up front, exactly as ``ShardedWriter`` would cut them for the same
     ``add`` order (same shard boundaries, headers and data offsets, hence the same bytes), writes each header and
     reserves the file's full size under a temporary name; the data is then written into place (``pwrite``) by
     whoever computes it, in any order, from any process. Memory is the plan, not a shard.

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from goldstick.errors import GoldstickError
 
 # Sub-layer norms of MLA (q_a_layernorm, kv_a_layernorm) use a fixed eps of 1e-6 in both the official
@@ -65,7 +66,7 @@ class ModelConfig:
 
     # ---- reading and writing -------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         values = {k: v for k, v in raw.items() if k in known}
         extra = {k: v for k, v in raw.items() if k not in known}
@@ -86,7 +87,7 @@ class ModelConfig:
         return cfg
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"{path}: does not exist")
@@ -239,6 +240,18 @@ class ModelConfig:
         else:
             mlp(f"{p}.mlp", self.intermediate_size)
         return shapes
+
+    def mtp_extra_tensor_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Tensors an MTP layer has on top of a decoder layer's (R1 stores its own embedding and head copies)."""
+        p, h, v = f"model.layers.{layer}", self.hidden_size, self.vocab_size
+        return {
+            f"{p}.embed_tokens.weight": (v, h),
+            f"{p}.enorm.weight": (h,),
+            f"{p}.hnorm.weight": (h,),
+            f"{p}.eh_proj.weight": (h, 2 * h),
+            f"{p}.shared_head.norm.weight": (h,),
+            f"{p}.shared_head.head.weight": (v, h),
+        }
 
     def global_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Tensors outside the decoder layers."""

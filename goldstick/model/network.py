@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from goldstick.model.architecture import route
 from goldstick.model.config import MLA_NORM_EPS, ModelConfig
 
 # A finite "minus infinity" for masked scores: a fully-masked row (left padding) then gives a uniform softmax
@@ -46,8 +47,8 @@ _PLACEHOLDERS = False
 @contextmanager
 def parameter_placeholders():
     """Build cells whose parameters are one-element placeholders, for a caller that sets every parameter from a
-    checkpoint right after (goldstick.engine.pipeline): a layer's parameters are otherwise allocated and filled only to be
-    replaced, which doubles the peak memory of loading a DeepSeek layer."""
+    checkpoint right after (goldstick.engine.layer): a layer's parameters are otherwise allocated and filled only to
+    be replaced, which doubles the peak memory of loading a DeepSeek layer."""
     global _PLACEHOLDERS
     _PLACEHOLDERS = True
     try:
@@ -263,7 +264,7 @@ class Attention(nn.Cell):
         out = self.values_matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, s, self.n_heads * self.v_dim)
         return self.o_proj(out)
 
-    def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: "KVCache",
+    def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache,
                        layer: int) -> Tensor:
         """Attention of S new tokens over the cached ones plus themselves, appending them to ``cache``.
 
@@ -325,15 +326,13 @@ class MLP(nn.Cell):
 
 
 class Router(nn.Cell):
-    """Sigmoid scores in fp32; e_score_correction_bias only chooses experts, group-limited top-k.
+    """Sigmoid scores in fp32, then group-limited top-k as ``architecture.route`` describes
+    (e_score_correction_bias only chooses experts).
 
-    Per token: the n_group groups are ranked by the sum of their two best biased scores, the best topk_group groups
-    are kept, the top num_experts_per_tok biased scores among them pick the experts, and their *unbiased* scores,
-    renormalised (norm_topk_prob) and times routed_scaling_factor, weight the expert outputs.
-
-    The scores are computed on the device; the selection runs on the host (``route``): the MoE reads the routing
-    on the host anyway to dispatch tokens, and a dozen small device ops (each a thread-pool launch on CPU) cost more
-    than the numpy on [tokens, experts]. Outputs are Tensors viewing the host arrays, so ``asnumpy`` is free.
+    The scores are computed on the device; the selection runs on the host (``architecture.route``, numpy, the one
+    the synthetic models' statistics pass uses too): the MoE reads the routing on the host anyway to dispatch
+    tokens, and a dozen small device ops (each a thread-pool launch on CPU) cost more than the numpy on
+    [tokens, experts]. Outputs are Tensors viewing the host arrays, so ``asnumpy`` is free.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -348,26 +347,6 @@ class Router(nn.Cell):
         scores = ops.sigmoid(self.matmul(x, self.weight)).asnumpy()
         weights, ids = route(self.cfg, scores, self.e_score_correction_bias.asnumpy())
         return Tensor.from_numpy(weights), Tensor.from_numpy(ids)
-
-
-def route(cfg: ModelConfig, scores: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """noaux_tc routing of sigmoid scores [T, E] -> (weights [T, k] float32, ids [T, k] int32), best first; ties
-    go to the lower expert or group index."""
-    t, n_experts = scores.shape
-    biased = scores + bias
-    per_group = n_experts // cfg.n_group
-    grouped = biased.reshape(t, cfg.n_group, per_group)
-    group_scores = np.sort(grouped, axis=-1)[..., -2:].sum(-1)  # each group's two best
-    kept = np.argsort(-group_scores, axis=-1, kind="stable")[:, : cfg.topk_group]
-    allowed = np.zeros((t, cfg.n_group), dtype=bool)
-    np.put_along_axis(allowed, kept, True, axis=-1)
-    biased = np.where(np.repeat(allowed, per_group, axis=-1), biased, -np.inf)
-    ids = np.argsort(-biased, axis=-1, kind="stable")[:, : cfg.num_experts_per_tok]
-    weights = np.take_along_axis(scores, ids, axis=-1)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdims=True) + np.float32(1e-20))
-    weights = (weights * np.float32(cfg.routed_scaling_factor)).astype(np.float32)
-    return np.ascontiguousarray(weights), np.ascontiguousarray(ids.astype(np.int32))
 
 
 def expert_bucket(rows: int) -> int:
@@ -438,14 +417,8 @@ class MoE(nn.Cell):
         self.has_shared = cfg.n_shared_experts > 0
         if self.has_shared:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
-        # Set by calibration: also run every expert on every token (for statistics) without changing the output.
-        self.observe_all_experts = False
         # Set by goldstick.quant.ascend.group_routed_experts: ``experts`` is then one grouped-matmul cell (Ascend).
         self.grouped = False
-        # Set by calibration searches: (weights [N, k], ids [N, k]) numpy arrays that replace the router's choice for
-        # the next N tokens, consumed call by call, so a candidate is judged without the noise of tokens switching
-        # experts.
-        self.forced_routing: tuple[np.ndarray, np.ndarray] | None = None
 
     def construct(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -455,15 +428,7 @@ class MoE(nn.Cell):
             out = self.experts(flat, weights, ids)
             return (out + self.shared_experts(flat) if self.has_shared else out).reshape(shape)
         t = flat.shape[0]
-        if self.forced_routing is not None:  # consumed call by call, t tokens at a time
-            all_weights, all_ids = self.forced_routing
-            weights_np, ids_np = all_weights[:t], all_ids[:t]
-            self.forced_routing = (all_weights[t:], all_ids[t:])
-        else:
-            ids_np, weights_np = ids.asnumpy(), weights.asnumpy()
-        if self.observe_all_experts:
-            for expert in self.experts:
-                expert(flat)  # statistics only; the routed computation below gives the output
+        ids_np, weights_np = ids.asnumpy(), weights.asnumpy()
         if host_broadcast():
             return self._experts_on_host(flat, weights_np, ids_np).reshape(shape)
         k = ids_np.shape[1]
@@ -520,7 +485,7 @@ class DecoderLayer(nn.Cell):
         tokens of several batches (bigger expert blocks: goldstick.engine.pipeline)."""
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def forward_cached(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: "KVCache") -> Tensor:
+    def forward_cached(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
         h = h + self.self_attn.forward_cached(self.input_layernorm(h), cos, sin, mask, cache, self.layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -631,13 +596,15 @@ class KVCache:
         forbidden = future[None, None] | ~keys[:, None, None, :]
         return Tensor(np.ascontiguousarray(positions)), Tensor(np.ascontiguousarray(forbidden))
 
-    def repeat(self, batch: int) -> "KVCache":
+    def repeat(self, batch: int) -> KVCache:
         """A cache of ``batch`` copies of this one-sequence cache (a shared prompt prefix, computed once, then
         continued by ``batch`` different suffixes). The copy owns its buffers: continuing it leaves this intact."""
         if self.batch != 1:
             raise ValueError(f"repeat() needs a one-sequence cache, this one holds {self.batch}")
         copy = KVCache(len(self.latent), batch, absorb=self.absorb, block=self.block)
-        tile = (lambda t: None if t is None else ops.tile(t, (batch, 1, 1)))
+        def tile(t):
+            return None if t is None else ops.tile(t, (batch, 1, 1))
+
         copy.latent = [tile(t) for t in self.latent]
         copy.k_rope = [tile(t) for t in self.k_rope]
         copy.real = np.repeat(self.real, batch, axis=0)
@@ -646,7 +613,7 @@ class KVCache:
         copy._absorbed = self._absorbed  # folded weights depend on the network only
         return copy
 
-    def absorbed_weights(self, layer: int, attn: "Attention") -> tuple[Tensor, Tensor] | None:
+    def absorbed_weights(self, layer: int, attn: Attention) -> tuple[Tensor, Tensor] | None:
         """(W_UK [H, nope, r], W_UV^T [H, r, v]) from a float kv_b_proj; None when it cannot be folded exactly."""
         if layer not in self._absorbed:
             weight = _float_weight(attn.kv_b_proj)

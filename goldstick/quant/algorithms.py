@@ -32,8 +32,8 @@ Outlier-Suppression+ · dynamic per-token · error metrics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -261,7 +261,9 @@ def deq_scale(act_scale, w_scale) -> np.ndarray:
 
 
 def static_int_accumulate(x_q, wq, quant_bias=None) -> np.ndarray:
-    """int32 accumulator ``x_q @ Wq.T + quant_bias``, computed exactly. int8 [tokens, in] and int8 [out, in] give int32 [tokens, out]."""
+    """int32 accumulator ``x_q @ Wq.T + quant_bias``, computed exactly.
+
+    int8 [tokens, in] and int8 [out, in] give int32 [tokens, out]."""
     acc = int_matmul_exact(x_q, np.asarray(wq).T)
     if quant_bias is not None:
         acc = acc + np.asarray(quant_bias).astype(np.int64)
@@ -527,7 +529,8 @@ def osplus_transform_activation(x, z, s) -> np.ndarray:
 def fold_osplus_into_norm(norm_weight, z, s, norm_bias=None) -> tuple[np.ndarray, np.ndarray]:
     """Fold the OS+ shift and scale into the feeding norm.
 
-    Returns ``(gamma / s, (beta - z) / s)`` as float32 [in].
+    Returns ``(gamma / s, (beta - z) / s)`` as float32 [in], each a float64 division rounded once; without a
+    norm bias the shift term is ``-z / s`` (so a zero shift gives -0.0, as ``-z / s`` in float32 does).
     For an RMSNorm, ``RMSNorm(h) * gamma' + beta' == (RMSNorm(h) * gamma - z) / s`` with ``beta = 0``.
     DeepSeek's RMSNorms have no bias. The folded ``beta'`` must be exported as ``...layernorm.bias``, which
     the Feb-2025 Ascend loader reads as the QuantV2 shift ``beta``, or the runtime must support a norm bias.
@@ -535,8 +538,8 @@ def fold_osplus_into_norm(norm_weight, z, s, norm_bias=None) -> tuple[np.ndarray
     gamma = _finite_f32(norm_weight, "norm weight").astype(np.float64)
     z64 = _finite_f32(z, "shift").astype(np.float64)
     s64 = _finite_f32(s, "scale").astype(np.float64)
-    beta = np.zeros_like(gamma) if norm_bias is None else _finite_f32(norm_bias, "norm bias").astype(np.float64)
-    return (gamma / s64).astype(np.float32), ((beta - z64) / s64).astype(np.float32)
+    shifted = -z64 if norm_bias is None else _finite_f32(norm_bias, "norm bias").astype(np.float64) - z64
+    return (gamma / s64).astype(np.float32), (shifted / s64).astype(np.float32)
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,7 +1,8 @@
 """The ``ascend`` backend: each quantized linear as the Ascend kernels that serve it, holding the stored tensors.
 
-The cells take exactly the tensors of the export contract (notes/golden-stick.md §2.1, §3.2), the same ones the CPU
-twins of ``qlinear.py`` hold, under the same names. Where the CPU twins do the integer arithmetic with float ops,
+The cells take exactly the tensors of the export contract (notes/golden-stick.md §2.1, §3.2; ``goldstick.quant.schemes``
+names them per scheme, with this module's cell for each), the same ones the CPU twins of ``goldstick.quant.cells``
+hold, under the same names. Where the CPU twins do the integer arithmetic with float ops,
 these cells call the ops Golden-Stick's deploy network and MindFormers/vllm-mindspore use on Ascend:
 
     scheme         cell                         ops
@@ -53,17 +54,26 @@ Op signatures, read from the installed MindSpore 2.10.0 (``inspect.signature`` a
   ``hal.py`` and MindFormers ``golden_stick/a8dynw8.py``.
 
 All cells compute in ``compute_dtype`` (bf16 by default, the dtype the contract's scales are stored in), cast their
-input to it and their output back to the input's dtype, so they drop into the float32 network of ``model.py``.
+input to it and their output back to the input's dtype, so they drop into the float32 network of
+``goldstick.model.network``.
 """
 
 from __future__ import annotations
 
+import mindspore as ms
 import ml_dtypes
 import numpy as np
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.ops.auto_generate import (DynamicQuantExt, GroupedMatmulV4, QuantBatchMatmul, QuantV2,
-                                         WeightQuantBatchMatmul)
+from mindspore.ops.auto_generate import (
+    DynamicQuantExt,
+    GroupedMatmulV4,
+    QuantBatchMatmul,
+    QuantV2,
+    WeightQuantBatchMatmul,
+)
+
+from goldstick.model.network import MoE
+from goldstick.quant.schemes import SCHEMES, W8A8_DYNAMIC, W8A8_STATIC, W8A16
 
 BF16 = ms.bfloat16
 _NUMPY_DTYPE = {ms.bfloat16: np.dtype(ml_dtypes.bfloat16), ms.float16: np.dtype(np.float16)}
@@ -133,8 +143,8 @@ def _dynamic_scale_dtype(compute_dtype) -> np.dtype:
 class AscendQuantLinear(nn.Cell):
     """Base: flattens the input to [tokens, in], casts it to the compute dtype, and the output back."""
 
-    scheme = ""
-    description = ""  # quantization_description.json label
+    scheme = ""  # a name of goldstick.quant.schemes
+    description = ""  # quantization_description.json label: the scheme's
     kernels: tuple[str, ...] = ()  # attributes holding the Ascend primitives, in call order
 
     def __init__(self, in_features: int, out_features: int, compute_dtype):
@@ -143,6 +153,21 @@ class AscendQuantLinear(nn.Cell):
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray], name: str, compute_dtype=BF16) -> AscendQuantLinear:
+        """The cell of one stored linear; ``tensors`` maps local names to the arrays as stored. A stored tensor the
+        scheme does not name is an error rather than silently dropped."""
+        unknown = sorted(set(tensors) - set(SCHEMES[cls.scheme].tensors))
+        if unknown:
+            raise ValueError(f"{name}: a {cls.scheme} linear has no tensor {', '.join(unknown)}")
+        return cls._from_known(tensors, name, compute_dtype)
+
+    @classmethod
+    def _from_known(cls, tensors: dict[str, np.ndarray], name: str, compute_dtype) -> AscendQuantLinear:
+        """w8a16 and dynamic W8A8 store the same three tensors (weight_offset may be absent: zeros)."""
+        return cls(tensors["weight"], tensors["weight_scale"], tensors.get("weight_offset"),
+                   compute_dtype=compute_dtype, name=name)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Local name -> the array this cell holds (the stored tensor, in the op's dtype)."""
@@ -176,8 +201,8 @@ class AscendStaticW8A8Linear(AscendQuantLinear):
     branch). The forward is MindFormers' ``A8W8LinearMethod.apply`` without the ms_custom_ops NZ weight.
     """
 
-    scheme = "w8a8-static"
-    description = "W8A8"
+    scheme = W8A8_STATIC
+    description = SCHEMES[W8A8_STATIC].label
     kernels = ("quant", "qbmm")
 
     def __init__(self, weight: np.ndarray, deq_scale: np.ndarray, quant_bias: np.ndarray, input_scale: np.ndarray,
@@ -198,6 +223,11 @@ class AscendStaticW8A8Linear(AscendQuantLinear):
             self.beta = _param(_stored({"beta": beta}, "beta", cdt, (in_features,), name), "beta")
         self.quant = QuantV2()
         self.qbmm = QuantBatchMatmul(transpose_x1=False, transpose_x2=True, dtype=compute_dtype)
+
+    @classmethod
+    def _from_known(cls, tensors: dict[str, np.ndarray], name: str, compute_dtype) -> AscendStaticW8A8Linear:
+        return cls(tensors["weight"], tensors["deq_scale"], tensors["quant_bias"], tensors["input_scale"],
+                   tensors["input_offset"], tensors.get("beta"), compute_dtype=compute_dtype, name=name)
 
     def tensors(self) -> dict[str, np.ndarray]:
         out = super().tensors()
@@ -220,8 +250,8 @@ class AscendDynamicW8A8Linear(AscendQuantLinear):
     ``A8W8DynamicLinearMethod.apply`` (dense branch).
     """
 
-    scheme = "w8a8-dynamic"
-    description = "W8A8_DYNAMIC"
+    scheme = W8A8_DYNAMIC
+    description = SCHEMES[W8A8_DYNAMIC].label
     kernels = ("dynamic_quant", "qbmm")
 
     def __init__(self, weight: np.ndarray, weight_scale: np.ndarray, weight_offset: np.ndarray | None = None,
@@ -243,8 +273,8 @@ class AscendW8A16Linear(AscendQuantLinear):
     stored (the zero point; the op gets its negation, the graph's antiquant offset). GS ``WeightQuantMatmul``.
     """
 
-    scheme = "w8a16"
-    description = "W8A16"
+    scheme = W8A16
+    description = SCHEMES[W8A16].label
     kernels = ("wqbmm",)
 
     def __init__(self, weight: np.ndarray, weight_scale: np.ndarray, weight_offset: np.ndarray | None = None,
@@ -261,27 +291,13 @@ class AscendW8A16Linear(AscendQuantLinear):
         return self.wqbmm(x, self.weight, self.weight_scale, self.antiquant_offset(), None, None, None)
 
 
-ASCEND_CELLS = {cls.scheme: cls for cls in (AscendW8A16Linear, AscendStaticW8A8Linear, AscendDynamicW8A8Linear)}
-STORED_TENSORS = {"w8a8-static": ("weight", "deq_scale", "quant_bias", "input_scale", "input_offset", "beta"),
-                  "w8a8-dynamic": ("weight", "weight_scale", "weight_offset"),
-                  "w8a16": ("weight", "weight_scale", "weight_offset")}
-
-
 def ascend_cell_from_tensors(scheme: str, tensors: dict[str, np.ndarray], name: str,
                              compute_dtype=BF16) -> AscendQuantLinear:
-    """The Ascend cell of one stored linear; ``tensors`` maps local names to the arrays as stored. A stored tensor
-    the cell would not hold is an error rather than silently dropped."""
-    unknown = sorted(set(tensors) - set(STORED_TENSORS.get(scheme, tensors)))
-    if unknown:
-        raise ValueError(f"{name}: a {scheme} linear has no tensor {', '.join(unknown)}")
-    if scheme == "w8a8-static":
-        return AscendStaticW8A8Linear(tensors["weight"], tensors["deq_scale"], tensors["quant_bias"],
-                                      tensors["input_scale"], tensors["input_offset"], tensors.get("beta"),
-                                      compute_dtype=compute_dtype, name=name)
-    if scheme in ("w8a8-dynamic", "w8a16"):
-        return ASCEND_CELLS[scheme](tensors["weight"], tensors["weight_scale"], tensors.get("weight_offset"),
-                                    compute_dtype=compute_dtype, name=name)
-    raise ValueError(f"{name}: no Ascend cell for scheme {scheme!r}")
+    """The Ascend cell of one stored linear of ``scheme`` (``AscendQuantLinear.from_tensors``)."""
+    spec = SCHEMES.get(scheme)
+    if spec is None or spec.ascend_cell is None:
+        raise ValueError(f"{name}: no Ascend cell for scheme {scheme!r}")
+    return spec.ascend_cell_class().from_tensors(tensors, name, compute_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ grouped experts
@@ -349,8 +365,8 @@ class AscendGroupedStaticW8A8Linear(AscendGroupedLinear):
     GroupedMatmulV4 with bias = quant_bias int32 [E, out] and scale = deq_scale bf16 [E, out] (the op's dtype for bf16
     output: the stored fp32 deq_scale is rounded to bf16, a relative change of at most 2^-9)."""
 
-    scheme = "w8a8-static"
-    description = "W8A8"
+    scheme = W8A8_STATIC
+    description = SCHEMES[W8A8_STATIC].label
     kernels = ("quant", "gmm")
 
     def __init__(self, per_expert, compute_dtype=BF16, name: str = ""):
@@ -394,8 +410,8 @@ class AscendGroupedDynamicW8A8Linear(AscendGroupedLinear):
     """Dynamic W8A8 experts: DynamicQuantExt on the dispatched matrix, then GroupedMatmulV4 with scale =
     weight_scale bf16 [E, out] and the per-token scale (MindFormers ``A8W8DynamicLinearMethod``, grouped branch)."""
 
-    scheme = "w8a8-dynamic"
-    description = "W8A8_DYNAMIC"
+    scheme = W8A8_DYNAMIC
+    description = SCHEMES[W8A8_DYNAMIC].label
     kernels = ("dynamic_quant", "gmm")
 
     def __init__(self, per_expert, compute_dtype=BF16, name: str = ""):
@@ -417,8 +433,8 @@ class AscendGroupedW8A16Linear(AscendGroupedLinear):
     """Weight-only experts: GroupedMatmulV4 antiquant with weight_scale [E, out] and -weight_offset [E, out] in the
     compute dtype (GS ``WeightQuantMatmul``, grouped branch)."""
 
-    scheme = "w8a16"
-    description = "W8A16"
+    scheme = W8A16
+    description = SCHEMES[W8A16].label
     kernels = ("gmm",)
 
     def __init__(self, per_expert, compute_dtype=BF16, name: str = ""):
@@ -432,10 +448,6 @@ class AscendGroupedW8A16Linear(AscendGroupedLinear):
     def forward_grouped(self, x: Tensor, group_list: Tensor) -> Tensor:
         offset = ops.neg(self.weight_offset).astype(self.compute_dtype)
         return self._gmm(x, antiquant_scale=self.weight_scale, antiquant_offset=offset, group_list=group_list)
-
-
-GROUPED_CELLS = {cls.scheme: cls for cls in (AscendGroupedW8A16Linear, AscendGroupedStaticW8A8Linear,
-                                             AscendGroupedDynamicW8A8Linear)}
 
 
 class AscendRoutedExperts(nn.Cell):
@@ -474,8 +486,6 @@ def group_routed_experts(net: nn.Cell) -> list[str]:
     [E, in, out]; ``expert_tensors(e)`` gives expert e's stored tensors back. Layers whose experts are float or
     CPU-twin cells are left as they are.
     """
-    from goldstick.model.network import MoE
-
     targets = [(name, cell) for name, cell in net.cells_and_names() if isinstance(cell, MoE) and not cell.grouped]
     converted = []
     for name, moe in targets:
@@ -489,7 +499,7 @@ def group_routed_experts(net: nn.Cell) -> list[str]:
             if len(schemes) != 1 or len(dtypes) != 1:
                 raise ValueError(f"{name}.experts.*.{proj}: experts mix schemes {sorted(schemes)} / compute dtypes; "
                                  f"a grouped matmul needs one")
-            cls = GROUPED_CELLS[schemes.pop()]
+            cls = SCHEMES[schemes.pop()].ascend_grouped_cell_class()
             projections[proj] = cls([lin.tensors() for lin in linears], compute_dtype=dtypes.pop(),
                                     name=f"{name}.experts.{proj}")
         if len(projections) != len(PROJECTIONS):

@@ -1,7 +1,8 @@
 """Quantized linear cells: the CPU twin of the Ascend kernels, doing the same integer arithmetic exactly.
 
 Each cell holds exactly the tensors the Golden-Stick / vllm-mindspore export contract names
-(notes/golden-stick.md §2.1, §3.2), under the linear's HF name, so the cell's parameters *are* the checkpoint:
+(notes/golden-stick.md §2.1, §3.2; their dtypes and shapes: ``goldstick.quant.schemes``), under the linear's HF
+name, so the cell's parameters *are* the checkpoint:
 
     scheme         tensors                                                        Ascend path
     w8a16          weight int8 [out,in], weight_scale [out], weight_offset [out]  WeightQuantBatchMatmul
@@ -21,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from goldstick.quant.schemes import LABEL_TO_SCHEME, SCHEMES, W8A8_DYNAMIC, W8A8_STATIC, W8A16, quantized_by_label
+
 INT8_MIN, INT8_MAX = -128, 127
 FP32_EXACT_INT = 2 ** 24
 
@@ -35,8 +38,8 @@ def _p(array: np.ndarray, name: str) -> Parameter:
 
 
 class QuantLinearBase(nn.Cell):
-    scheme = ""
-    description = ""  # quantization_description.json label
+    scheme = ""  # a name of goldstick.quant.schemes
+    description = ""  # quantization_description.json label: the scheme's
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -57,7 +60,7 @@ class QuantLinearBase(nn.Cell):
         return w
 
     def _float_weight(self) -> np.ndarray:
-        """The matmul operand as a float32 array: the int8 codes (numpy's cast is 7x MindSpore's on CPU)."""
+        """The matmul operand as a float32 array: the int8 codes (cast by numpy, cheaper than MindSpore's cast)."""
         return self.weight.asnumpy().astype(np.float32)
 
     def reset_cache(self) -> None:
@@ -81,13 +84,17 @@ class ScaledWeightLinear(QuantLinearBase):
         self.weight_scale = _p(weight_scale.astype(np.float32), "weight_scale")
         self.weight_offset = _p(np.zeros(weight.shape[0], np.float32), "weight_offset")
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray]) -> ScaledWeightLinear:
+        """From the stored tensors (``weight_offset``, zeros, is not read)."""
+        return cls(tensors["weight"], np.asarray(tensors["weight_scale"]).astype(np.float32))
+
 
 class W8A16Linear(ScaledWeightLinear):
     """Weight-only int8: y = x @ (weight * weight_scale).T (antiquant, then a float matmul)."""
 
-    scheme = "w8a16"
-    description = "W8A16"
-
+    scheme = W8A16
+    description = SCHEMES[W8A16].label
 
     def _float_weight(self) -> np.ndarray:
         """Antiquantized: (codes + offset) * scale, the same float32 operations as the ops, in numpy."""
@@ -102,15 +109,16 @@ class W8A16Linear(ScaledWeightLinear):
 
 
 class StaticW8A8Linear(QuantLinearBase):
-    """Static W8A8: x_q = clip(round((x + beta) / input_scale + input_offset)); y = (x_q @ W_q.T + quant_bias) * deq_scale.
+    """Static W8A8: x_q = clip(round((x + beta) / input_scale + input_offset));
+    y = (x_q @ W_q.T + quant_bias) * deq_scale.
 
     input_scale is per input channel: the per-tensor activation scale times any smoothing factor that was not
     folded into a norm. quant_bias carries the zero-point correction -offset*sum(W_q) and the OS+ shift term.
     ``beta`` is the OS+ shift for a linear that no norm feeds (zeros otherwise; Ascend adds it before QuantV2).
     """
 
-    scheme = "w8a8-static"
-    description = "W8A8"
+    scheme = W8A8_STATIC
+    description = SCHEMES[W8A8_STATIC].label
 
     def __init__(self, weight: np.ndarray, deq_scale: np.ndarray, quant_bias: np.ndarray, input_scale: np.ndarray,
                  input_offset: np.ndarray, beta: np.ndarray | None = None):
@@ -124,9 +132,18 @@ class StaticW8A8Linear(QuantLinearBase):
         if self.has_beta:
             self.beta = _p(beta.astype(np.float32), "beta")
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray]) -> StaticW8A8Linear:
+        """From the stored tensors: the integer ones as stored, the scales (and beta, when stored) in float32."""
+        def f32(key: str) -> np.ndarray:
+            return np.asarray(tensors[key]).astype(np.float32)
+
+        return cls(tensors["weight"], f32("deq_scale"), tensors["quant_bias"], f32("input_scale"),
+                   tensors["input_offset"], f32("beta") if "beta" in tensors else None)
+
     def quantize_input(self, x: Tensor) -> Tensor:
-        # numpy on the host: the same float32 operations in the same order (so the same values), 3-4x faster than
-        # a chain of CPU kernel launches, each allocating its own output
+        # numpy on the host: the same float32 operations in the same order (so the same values), faster than a
+        # chain of CPU kernel launches, each allocating its own output
         a = x.asnumpy()
         q = a + self.beta.asnumpy() if self.has_beta else a.copy()
         np.divide(q, self.input_scale.asnumpy(), out=q)
@@ -146,13 +163,12 @@ class StaticW8A8Linear(QuantLinearBase):
 class DynamicW8A8Linear(ScaledWeightLinear):
     """Dynamic per-token W8A8: s_t = max|x_t| / 127, x_q = round(x / s_t); y = (x_q @ W_q.T) * s_t * weight_scale."""
 
-    scheme = "w8a8-dynamic"
-    description = "W8A8_DYNAMIC"
-
+    scheme = W8A8_DYNAMIC
+    description = SCHEMES[W8A8_DYNAMIC].label
 
     def construct(self, x: Tensor) -> Tensor:
         flat, lead = self._flat(x)
-        # on the host, as in StaticW8A8Linear.quantize_input (same float32 operations and order, 3-4x faster).
+        # on the host, as in StaticW8A8Linear.quantize_input (same float32 operations and order, faster).
         # An all-zero token gets a tiny scale instead of 0 (its codes are 0 either way); |x / scale| <= 127 holds
         # by construction, so no clip is needed
         a = flat.asnumpy()
@@ -164,10 +180,6 @@ class DynamicW8A8Linear(ScaledWeightLinear):
         np.multiply(y, token_scale, out=y)
         np.multiply(y, self.weight_scale.asnumpy(), out=y)
         return Tensor.from_numpy(y).reshape(*lead, self.out_features)
-
-
-QUANT_CELLS = {cls.scheme: cls for cls in (W8A16Linear, StaticW8A8Linear, DynamicW8A8Linear)}
-DESCRIPTION_TO_SCHEME = {cls.description: cls.scheme for cls in QUANT_CELLS.values()}
 
 
 def replace_cell(root: nn.Cell, path: str, cell: nn.Cell, full_name: str | None = None) -> None:
@@ -190,26 +202,18 @@ def cell_from_tensors(label: str, tensors: dict[str, np.ndarray], name: str, bac
     """Build the cell for one stored linear from its checkpoint tensors (local names -> arrays).
 
     ``backend="cpu"``: the exact integer twin of this module. ``backend="ascend"``: the Ascend kernel cells.
+    Both are the scheme's (``goldstick.quant.schemes``): ``cpu_cell_class()`` / ``ascend_cell_class()``.
     """
-    scheme = DESCRIPTION_TO_SCHEME.get(label)
-    if scheme is None:
-        raise ValueError(f"{name}: quantization label {label!r} is not one of {sorted(DESCRIPTION_TO_SCHEME)}")
-    needed = {"w8a16": ("weight", "weight_scale"), "w8a8-dynamic": ("weight", "weight_scale"),
-              "w8a8-static": ("weight", "deq_scale", "quant_bias", "input_scale", "input_offset")}[scheme]
-    missing = [k for k in needed if k not in tensors]
+    spec = quantized_by_label(label)
+    if spec is None:
+        raise ValueError(f"{name}: quantization label {label!r} is not one of {sorted(LABEL_TO_SCHEME)}")
+    missing = [k for k in spec.needed_to_load() if k not in tensors]
     if missing:
         raise ValueError(f"{name}: a {label} linear needs {', '.join(f'{name}.{k}' for k in missing)}")
     if tensors["weight"].dtype != np.int8:
         raise ValueError(f"{name}.weight: a {label} weight must be int8, found {tensors['weight'].dtype}")
     if "weight_offset" in tensors and np.any(np.asarray(tensors["weight_offset"], np.float32) != 0):
         raise ValueError(f"{name}.weight_offset: asymmetric weights are not supported (offsets must be zero)")
-    f32 = {k: np.asarray(v).astype(np.float32) if k not in ("weight", "quant_bias", "input_offset") else v
-           for k, v in tensors.items()}
     if backend == "ascend":
-        from goldstick.quant.ascend import ascend_cell_from_tensors
-
-        return ascend_cell_from_tensors(scheme, tensors, name)
-    if scheme == "w8a8-static":
-        return StaticW8A8Linear(f32["weight"], f32["deq_scale"], f32["quant_bias"], f32["input_scale"],
-                                f32["input_offset"], f32.get("beta"))
-    return QUANT_CELLS[scheme](f32["weight"], f32["weight_scale"])
+        return spec.ascend_cell_class().from_tensors(tensors, name)
+    return spec.cpu_cell_class().from_tensors(tensors)

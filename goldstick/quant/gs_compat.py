@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from goldstick.model.architecture import split_layer
 from goldstick.model.config import ModelConfig
-from goldstick.quant.recipe import (Options, Recipe, RecipeError, Rule, Scheme, _compose_yaml, _did_you_mean, _Reader,
-                              _describe)
+from goldstick.quant.recipe import LocatedReader, Recipe, compose_yaml
+from goldstick.quant.recipe_parts import Options, RecipeError, Rule, Scheme, describe, did_you_mean
 
 # ---- GS vocabulary -------------------------------------------------------------------------------------------------
 
@@ -150,10 +151,10 @@ NAMINGS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
 
 def linear_kind(hf_name: str) -> tuple[int | None, str]:
     """``model.layers.3.mlp.experts.17.up_proj`` → ``(3, "mlp.experts.{e}.up_proj")``; ``lm_head`` → (None, ...)."""
-    m = re.match(r"model\.layers\.(\d+)\.(.+)$", hf_name)
-    if not m:
+    layer, inside = split_layer(hf_name)
+    if layer is None:
         return None, hf_name
-    return int(m.group(1)), re.sub(r"^mlp\.experts\.\d+\.", "mlp.experts.{e}.", m.group(2))
+    return layer, re.sub(r"^mlp\.experts\.\d+\.", "mlp.experts.{e}.", inside)
 
 
 def gs_cell_names(hf_name: str, naming: str = "research") -> tuple[str, ...]:
@@ -197,7 +198,7 @@ def _as_mapping(obj: Any, names: tuple[str, ...]) -> Any:
 
 class _PolicyReader:
     def __init__(self, source: str, lines: dict):
-        self.loc = _Reader(source, lines)
+        self.loc = LocatedReader(source, lines)
 
     def config(self, raw: Any, path: tuple, top: bool) -> GSConfig | None:
         allowed = PTQ_FIELDS + (("layer_policies",) + tuple(INNER_KNOBS) if top else ())
@@ -213,7 +214,7 @@ class _PolicyReader:
             if key in ENUMS:
                 name = _enum_name(value)
                 if name not in ENUMS[key]:
-                    self.loc.add(where, f"bad value {value!r}{_did_you_mean(name, ENUMS[key])}; "
+                    self.loc.add(where, f"bad value {value!r}{did_you_mean(name, ENUMS[key])}; "
                                         f"allowed: {', '.join(ENUMS[key])}")
                 values[key] = name
             elif key in DTYPE_FIELDS:
@@ -226,7 +227,7 @@ class _PolicyReader:
                     self.loc.add(where, f"expected a list of names, got the string {value!r} (Golden-Stick would "
                                         f"test each of its characters as a substring)")
                 elif not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                    self.loc.add(where, f"expected a list of names, got {_describe(value)}")
+                    self.loc.add(where, f"expected a list of names, got {describe(value)}")
                 else:
                     values[key] = tuple(value)
             elif key == "algo_args":
@@ -237,16 +238,16 @@ class _PolicyReader:
                 elif not isinstance(value, (dict, str, list)) and hasattr(value, "__dict__"):
                     value = dict(vars(value))
                 if not isinstance(value, dict):
-                    self.loc.add(where, f"expected a mapping, got {_describe(value)}")
+                    self.loc.add(where, f"expected a mapping, got {describe(value)}")
                 else:
                     values[key] = tuple(value.items())
             elif key == "group_size":
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    self.loc.add(where, f"expected an integer >= 0, got {_describe(value)}")
+                    self.loc.add(where, f"expected an integer >= 0, got {describe(value)}")
                 values[key] = value
             elif key == "weight_clip":
                 if not isinstance(value, bool):
-                    self.loc.add(where, f"expected true or false, got {_describe(value)}")
+                    self.loc.add(where, f"expected true or false, got {describe(value)}")
                 values[key] = value
         return GSConfig(**values) if len(self.loc.problems) == before else None
 
@@ -261,12 +262,12 @@ class _PolicyReader:
             items = list(lp.items()) if isinstance(lp, dict) else lp
             if not isinstance(items, list) or not all(isinstance(i, (list, tuple)) and len(i) == 2 for i in items):
                 self.loc.add(("layer_policies",), f"expected an ordered mapping regex → PTQConfig, "
-                                                  f"got {_describe(lp)}")
+                                                  f"got {describe(lp)}")
                 items = []
             for regex, sub in items:
                 where = ("layer_policies", regex)
                 if not isinstance(regex, str):
-                    self.loc.add(where, f"a policy key must be a regex string, got {_describe(regex)}")
+                    self.loc.add(where, f"a policy key must be a regex string, got {describe(regex)}")
                     continue
                 try:
                     re.compile(regex)
@@ -296,12 +297,12 @@ def _read(policy: Any) -> tuple[str, Any, dict]:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise RecipeError(f"{path}: cannot read policy ({exc.strerror or exc})") from None
-        raw, lines, problems = _compose_yaml(text, str(path))
+        raw, lines, problems = compose_yaml(text, str(path))
         if problems:
             raise RecipeError([p for _, p in problems])
         return str(path), raw, lines
     if isinstance(policy, str):
-        raw, lines, problems = _compose_yaml(policy, "<golden-stick policy>")
+        raw, lines, problems = compose_yaml(policy, "<golden-stick policy>")
         if problems:
             raise RecipeError([p for _, p in problems])
         return "<golden-stick policy>", raw, lines
@@ -457,7 +458,7 @@ def from_golden_stick(policy: Any, *, config: ModelConfig | None = None, names: 
         if knob == "always_use_fp_input_in_processer":
             if not isinstance(value, bool):
                 raise RecipeError(f"{source}: always_use_fp_input_in_processer: expected true or false, "
-                                  f"got {_describe(value)}")
+                                  f"got {describe(value)}")
             options["inputs_from"] = "float" if value else "quantized"
         else:
             notes.append(f"policy: {knob}={value!r}: {INNER_KNOBS[knob]}")

@@ -1,4 +1,5 @@
-"""Fused per-element kernels (numba) of the streaming path (and of ``numerics.quantize_weight(rows=kernels.quantize_rows)``).
+"""Fused per-element kernels (numba) of the streaming path
+(and of ``numerics.quantize_weight(rows=kernels.quantize_rows)``).
 
 The numpy reference makes many full passes over a float32 copy of a weight: FP8 lookup, block-scale multiply,
 |w|, row max, then float64 divide, rint, clip and cast. Here each pass reads the weight once:
@@ -24,9 +25,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from goldstick.quant import algorithms as alg
 from goldstick.quant import numerics
-from goldstick.quant.fp8 import FP8_TO_F32, BLOCK
+from goldstick.quant.fp8 import BLOCK, FP8_TO_F32
 
 try:
     import numba

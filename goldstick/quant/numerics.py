@@ -7,8 +7,23 @@ import ml_dtypes
 import numpy as np
 
 from goldstick.quant import algorithms as alg
+from goldstick.quant.fp8 import FP8
 
 BF16 = ml_dtypes.bfloat16
+
+# safetensors dtype code -> numpy storage dtype, for every code a goldstick checkpoint (or the R1 release) holds
+STORED_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(FP8),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+}
 
 
 def bf16_round(x) -> np.ndarray:

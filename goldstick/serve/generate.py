@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from goldstick.errors import UsageError
+from goldstick.io.loader import load_model
+from goldstick.model.tokenizer import PAD_TOKEN, load_tokenizer
 
 
 @dataclass
@@ -36,7 +38,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()        # stop strings (not included in the text)
     ignore_eos: bool = False
 
-    def check(self) -> "SamplingParams":
+    def check(self) -> SamplingParams:
         """Raise UsageError (a ValueError) naming the first out-of-range field."""
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise UsageError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
@@ -133,8 +135,6 @@ class Generator:
     """Decoding loop around a loaded network and its tokenizer; not thread-safe (serialize calls)."""
 
     def __init__(self, net, tokenizer):
-        from goldstick.model.tokenizer import PAD_TOKEN
-
         self.net = net
         self.tokenizer = tokenizer  # goldstick.model.tokenizer.LoadedTokenizer
         self.max_positions = int(net.config.max_position_embeddings)
@@ -142,10 +142,7 @@ class Generator:
         self.pad_id = pad if pad is not None else tokenizer.eos_id
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, net=None) -> "Generator":
-        from goldstick.io.loader import load_model
-        from goldstick.model.tokenizer import load_tokenizer
-
+    def from_dir(cls, model_dir: str | Path, net=None) -> Generator:
         tokenizer = load_tokenizer(model_dir)  # first: a missing tokenizer fails before the model is loaded
         return cls(net if net is not None else load_model(model_dir), tokenizer)
 

@@ -22,7 +22,16 @@ import uuid
 from pathlib import Path
 from typing import Annotated
 
+import anyio
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from goldstick.errors import GoldstickError
+from goldstick.serve.generate import Generator, SamplingParams
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20   # a larger request body gets 413
 MAX_PROMPTS = 16                   # prompts per request (a list prompt is decoded as one left-padded batch)
@@ -36,8 +45,6 @@ class Engine:
     """The loaded network + tokenizer behind a lock; ``complete`` is safe to call from many threads."""
 
     def __init__(self, model_dir: str | Path, served_model_name: str | None = None, net=None):
-        from goldstick.serve.generate import Generator
-
         self.model_dir = Path(model_dir)
         self.model_id = served_model_name or str(model_dir)
         self.aliases = {self.model_id, str(model_dir), str(self.model_dir.resolve()), self.model_dir.resolve().name}
@@ -54,15 +61,6 @@ class Engine:
 
 
 def create_app(engine: Engine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-    import anyio
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from goldstick.serve.generate import SamplingParams
-
     class CompletionRequest(BaseModel):
         # strict: "32" is not an integer and true is not a number; unknown OpenAI fields (user, suffix, ...) pass
         model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
@@ -181,8 +179,6 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, serv
     The port is bound before the model loads, so a busy port is a ``ServeError`` at once; uvicorn then serves on
     that very socket.
     """
-    import uvicorn
-
     sock = bind_port(host, port)
     try:
         started = time.time()
