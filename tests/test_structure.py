@@ -108,3 +108,24 @@ def test_no_history_in_docs_code_or_tests():
             if HISTORY.search(line):
                 hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
     assert not hits, "history belongs in git log:\n" + "\n".join(hits)
+
+
+LAYERS = ["errors", "model", "quant", "io", "testing", "engine", "evaluation", "serve", "cli"]
+SIBLINGS = {frozenset({"evaluation", "serve"})}  # side by side: neither imports the other
+
+
+def test_sub_packages_import_only_to_their_left():
+    """README's layering: model ← quant ← io ← testing ← engine ← evaluation / serve ← cli."""
+    modules = _modules()
+    wrong = []
+    for name, path in modules.items():
+        src = name.split(".")[1] if name.count(".") else "__init__"
+        if src == "__init__":
+            continue  # the public API's lazy table names everything
+        for module, _, line in _imports(name, path, modules):
+            dst = module.split(".")[1] if module.count(".") else "__init__"
+            if dst == src or dst == "__init__":
+                continue
+            if frozenset({src, dst}) in SIBLINGS or LAYERS.index(dst) > LAYERS.index(src):
+                wrong.append(f"{path.relative_to(ROOT)}:{line}: {src} imports {module}")
+    assert not wrong, "imports against the layering:\n" + "\n".join(wrong)

@@ -15,7 +15,7 @@ weight (goldstick.engine.pipeline). ``max_in_flight`` bounds memory: a handful o
   numpy and goldstick's numpy modules (not MindSpore, ~430 MB each, and no fork of a threaded process).
 * ``ThreadExecutor`` is the same loop on a thread pool in this process: for units whose work releases the GIL
   (the streaming path's: pread/pwrite, numba ``nogil`` kernels, numpy), it saves each worker's start-up (spawn,
-  imports, numba's cache load: ~0.8 s of CPU per worker, measured) and the pickling of results.
+  imports, numba's cache load) and the pickling of results.
 * ``RayExecutor`` submits units as Ray tasks (``pip install goldstick[ray]``; ray is imported only here). On one
   machine it starts a local Ray instance; with ``address`` it joins a cluster (``ray start --head`` on one node,
   ``ray start --address=HEAD:6379`` on the others). Units read the source and write the output by path, so on a

@@ -155,7 +155,7 @@ class LayerQuantizer:
             outputs: list | None = None) -> list[np.ndarray]:
         """The layer's outputs for each batch. The attention runs batch by batch; the MLP half runs on the tokens of
         several consecutive batches at once (``mlp_groups``): each routed expert then gets a few hundred rows
-        instead of a few dozen, where the CPU matmul runs ~1.5x faster, and a quantized expert casts its weight once
+        instead of a few dozen, where the CPU matmul runs faster, and a quantized expert casts its weight once
         per group. ``outputs``: the list to fill, which may be ``inputs`` (each input is replaced once its group is
         done, so no second copy of the calibration activations is held)."""
         from mindspore import Tensor
@@ -251,7 +251,7 @@ class LayerQuantizer:
         """Statistics of the MLA projections that read the normed input (q_a_proj or q_proj, kv_a_proj_with_mqa)
         and of q_b_proj (its input: q_a_layernorm(q_a_proj(x))) without the rest of the attention, when no other
         attention linear needs them (every recipe that smooths only the MLA inputs): of the attention's matmuls only
-        q_a_proj runs (the wide benchmark model's float attention pass: ~9 s of a 70 s run). The same values as the
+        q_a_proj runs. The same values as the
         hooks on the whole attention see."""
         attn, prefix = self.layer.self_attn, self.prefix + "self_attn."
         x = self.layer.input_layernorm(float_tensor(h))
@@ -676,8 +676,7 @@ class LayerQuantizer:
 
 def mlp_groups(batches: list, hidden_size: int, budget: int) -> list[list[int]]:
     """Consecutive batch indices whose tokens the MLP half of a layer runs on together: [tokens, hidden] within
-    ``budget`` float32 elements (16 MB; the wide benchmark model: 2048 tokens), at least one batch per group.
-    Measured on the wide model's experts (~128 rows per batch of 512 tokens): 120 GFLOP/s at 128 rows, 190 at 512."""
+    ``budget`` float32 elements (16 MB), at least one batch per group: more rows per expert matmul."""
     groups, tokens = [], 0
     for index, (ids, *_) in enumerate(batches):
         if groups and tokens + ids.size <= budget // hidden_size:

@@ -18,9 +18,8 @@ statistics: each output tensor is a function of one source tensor. So instead of
     finishes   fsync, rename shards, index, config.json + quantization_description.json, tokenizer files, recipe,
                report, manifest last
 
-Per 512x7168 FP8 unit (3.7 MB), the numpy code took ~17 ms (lookup-table decode 7, quantize 10); the fused kernels
-take ~1.8 ms, so a run is bound by pread/pwrite, hashing and process start-up rather than arithmetic
-(benchmarks/README.md has the figures against a plain copy).
+With the fused kernels a run is bound by pread/pwrite, hashing and process start-up rather than arithmetic
+(benchmarks/README.md has the figures against a plain copy, with the command).
 
 Memory is bounded by the units in flight (2 per worker, ~4M elements each), whatever the model or shard size. The
 output is the engine's mindspore-format checkpoint bit for bit (tests/test_stream.py), MTP passed through.

@@ -1,7 +1,7 @@
 """MindSpore set-up for CPU work: PyNative (so forward hooks work) with synchronous dispatch.
 
-Measured on this class of machine (notes/mindspore-cpu.md §2): the default asynchronous PyNative dispatch
-busy-waits a third thread on 2 cores and runs a transformer block ~3.7x slower; ``launch_blocking`` removes it.
+The default asynchronous PyNative dispatch busy-waits an extra thread, which on a small CPU slows every block
+down (notes/mindspore-cpu.md §2); ``launch_blocking`` removes it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ def setup_mindspore() -> None:
     ms.set_device("CPU")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.runtime.launch_blocking()
-    # MindSpore's import leaves ~160k long-lived objects that every full collection walks (105 ms each, measured;
-    # release_memory collects once or twice per layer). Freezing them makes a collection ~free; frozen objects
-    # are still freed by reference counting, only cycles among them would stay.
+    # MindSpore's import leaves a large number of long-lived objects that every full collection walks, and
+    # release_memory collects once or twice per layer. Freezing them makes a collection cheap; frozen objects are
+    # still freed by reference counting, only cycles among them would stay.
     import gc
 
     gc.freeze()
@@ -32,8 +32,8 @@ def setup_mindspore() -> None:
 
 
 def release_memory(collect: bool = True) -> None:
-    """Collect garbage (``collect``: under 1 ms once setup_mindspore has frozen MindSpore's objects, ~0.1 s
-    without) and give freed heap memory back to the OS.
+    """Collect garbage (``collect``; cheap once setup_mindspore has frozen MindSpore's objects) and give freed heap
+    memory back to the OS.
 
     glibc raises its mmap threshold after a big block is freed, so later float32 weights come from the heap and
     stay in the RSS after they are freed (a 16-expert layer: ~700 MB, measured); malloc_trim returns them.
