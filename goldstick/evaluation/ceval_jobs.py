@@ -10,9 +10,12 @@ quantized one(s) on the same C-Eval questions, writes the report (``ceval.json``
 The keys (eval/README.md has the full description; unknown keys are an error):
 
     name: default-model-w8a8-mixed
-    model: default                      # float checkpoint folder, or "default" (the embedded tiny model)
+    model: default                      # float checkpoint folder, "default" (the embedded tiny model) or a URL
     recipe: deepseek-r1-w8a8-mixed      # quantize first (a name, a YAML path, or a list); and/or
-    quantized: path/to/checkpoint       # existing quantized checkpoint(s): a path, a list, or {label: path}
+    quantized: path/to/checkpoint       # existing quantized checkpoint(s) or endpoint URLs: a path or URL, a list,
+                                        # or {label: path or URL}
+    tokenizer: null                     # a folder with tokenizer.json: endpoints get token ids (else text)
+    endpoint: {scoring: logprobs, letter_fallback: none, concurrency: 8, timeout: 600, retries: 5}
     calibration: {data: null, samples: 32, seq_len: 128, seed: 0}   # for `recipe`; null = the recipe's own
     data: ${GOLDSTICK_CEVAL_DIR:-../tests/fixtures/ceval}           # ${VAR} and ${VAR:-default} are expanded
     split: val
@@ -28,8 +31,8 @@ The keys (eval/README.md has the full description; unknown keys are an error):
     batch_tokens: 4096
     out: out/ceval/default-model-w8a8-mixed
 
-Paths read by the job (model, quantized, recipe files, calibration data, data) are relative to the job file's
-folder; ``out`` is relative to the current directory.
+Paths read by the job (model, quantized, recipe files, calibration data, data, tokenizer) are relative to the job
+file's folder (endpoint URLs are taken as they are); ``out`` is relative to the current directory.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from goldstick.engine.pipeline import quantize
 from goldstick.evaluation.ceval_data import CEvalError
 from goldstick.evaluation.ceval_report import print_summary
 from goldstick.evaluation.ceval_run import parse_model_arg, resolve_model_dir, run_ceval
+from goldstick.evaluation.endpoint import Endpoint, EndpointOptions, is_endpoint
 from goldstick.quant.recipe import load_recipe
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -81,6 +85,8 @@ class Job:
     seed: int = 0
     batch_tokens: int = 4096
     out: str | None = None
+    tokenizer: str | None = None
+    endpoint: dict[str, Any] = field(default_factory=dict)
 
     def with_overrides(self, **changes: Any) -> Job:
         if "quantized" in changes and isinstance(changes["quantized"], list):
@@ -94,6 +100,9 @@ class Job:
         job = dataclasses.replace(self, **changes)
         _validate(job, self.file or "<overrides>")
         return job
+
+    def endpoint_options(self) -> EndpointOptions:
+        return EndpointOptions(**self.endpoint).check()
 
     @property
     def out_dir(self) -> Path:
@@ -114,6 +123,7 @@ def expand_env(text: str, where: str) -> str:
 
 
 _KEYS = {f.name for f in dataclasses.fields(Job)} - {"file"}
+_ENDPOINT_KEYS = tuple(f.name for f in dataclasses.fields(EndpointOptions))
 
 
 def load_job(path: str | Path) -> Job:
@@ -133,7 +143,7 @@ def load_job(path: str | Path) -> Job:
 
     def local(value: Any, key: str) -> str:
         text = expand_env(str(value), f"{path}: {key}")
-        if text == "default" and key == "model":
+        if (text == "default" and key == "model") or "://" in text:  # the embedded model, or an endpoint URL
             return text
         p = Path(text).expanduser()
         if p.is_absolute() or text.startswith("hub:") or text == "ceval/ceval-exam":
@@ -150,10 +160,10 @@ def load_job(path: str | Path) -> Job:
         pairs, taken = {}, {"float"}
         for item in quantized:
             resolved = local(item, "quantized")
-            label = Path(resolved).name
-            n = 2
+            base = Endpoint.parse(resolved).label if is_endpoint(resolved) else Path(resolved).name
+            label, n = base, 2
             while label in taken:
-                label, n = f"{Path(resolved).name}-{n}", n + 1
+                label, n = f"{base}-{n}", n + 1
             taken.add(label)
             pairs[label] = resolved
         quantized = pairs
@@ -175,6 +185,12 @@ def load_job(path: str | Path) -> Job:
     job.calibration = calibration
     if raw.get("data") is not None:
         job.data = local(raw["data"], "data")
+    if raw.get("tokenizer") is not None:
+        job.tokenizer = local(raw["tokenizer"], "tokenizer")
+    endpoint = raw.get("endpoint") or {}
+    if not isinstance(endpoint, dict):
+        raise JobError(f"{path}: endpoint: a mapping of {', '.join(_ENDPOINT_KEYS)}")
+    job.endpoint = dict(endpoint)
     for key in ("split", "shots", "subjects", "limit", "allowed_drop", "gate", "overlap", "bootstrap_samples",
                 "confidence", "seed", "batch_tokens"):
         if key in raw and raw[key] is not None:
@@ -210,6 +226,15 @@ def _validate(job: Job, where: str) -> None:
         raise bad("subjects", "'all', a comma-separated string or a list")
     if not job.quantized and not job.recipe:
         raise bad("quantized/recipe", "the job names no quantized checkpoint and no recipe to quantize with")
+    if job.recipe and is_endpoint(job.model):
+        raise bad("recipe", "quantizing needs the float model as a checkpoint folder, not an endpoint URL")
+    unknown = sorted(set(job.endpoint) - set(_ENDPOINT_KEYS))
+    if unknown:
+        raise bad("endpoint", f"unknown key(s) {', '.join(unknown)} (known: {', '.join(_ENDPOINT_KEYS)})")
+    try:
+        job.endpoint_options()
+    except CEvalError as exc:
+        raise bad("endpoint", str(exc)) from None
 
 
 def quantize_for_job(job: Job, recipe: str, progress: bool) -> tuple[str, Path]:
@@ -244,12 +269,14 @@ def run_job(job: Job, progress: bool = True, plots: bool = True) -> int:
         quantize_seconds[label] = round(time.time() - t0, 1)
         candidates.append((label, str(path)))
     extra = {"job": {"name": job.name, "file": job.file, "model": job.model, "recipes": job.recipe,
+                     "tokenizer": job.tokenizer, "endpoint": job.endpoint,
                      "calibration": job.calibration, "quantize_seconds": quantize_seconds}}
     report = run_ceval(job.model, candidates, data=data, split=job.split, shots=job.shots, subjects=job.subjects,
                        limit=job.limit, out=job.out_dir, batch_tokens=job.batch_tokens,
                        bootstrap_samples=job.bootstrap_samples, seed=job.seed, confidence=job.confidence,
                        progress=progress, plots=plots, allowed_drop=job.allowed_drop, gate=job.gate,
-                       overlap=job.overlap, extra=extra)
+                       overlap=job.overlap, extra=extra, tokenizer=job.tokenizer,
+                       endpoint_options=job.endpoint_options())
     print_summary(report, job.out_dir)
     print(f"job {job.name}: {time.time() - started:.1f}s", file=sys.stderr)
     return 0 if report["gate"]["passed"] else 3

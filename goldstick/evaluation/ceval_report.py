@@ -38,7 +38,7 @@ def write_predictions(runs: Sequence[ModelRun], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for i, q in enumerate(runs[0].questions):
             record = {"subject": q.subject, "id": q.id, "answer": q.answer,
-                      "predictions": {k: LETTERS[int(v[i])] for k, v in preds.items()},
+                      "predictions": {k: LETTERS[int(v[i])] if v[i] >= 0 else None for k, v in preds.items()},
                       "probabilities": {k: [round(float(x), 5) for x in v[i]] for k, v in probs.items()}}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -53,6 +53,46 @@ def _ci(ci) -> str:
 
 def _kl(x) -> str:
     return "—" if x is None else f"{x:.3g}"
+
+
+def has_kl(comparison: dict) -> bool:
+    """Does the comparison have a KL divergence (both models scored by logits or logprobs)?"""
+    return comparison["kl"].get("mean") is not None
+
+
+def kl_sentence(kl: dict) -> str:
+    if kl.get("mean") is None:
+        return "not measured (no question where both models have four finite letter log-probabilities)"
+    return (f"mean {kl['mean']:.3g}, median {kl['median']:.3g}, p95 {kl['p95']:.3g}, max {kl['max']:.3g} nats"
+            + (f" over {kl['questions']} questions" if "questions" in kl else ""))
+
+
+def endpoint_lines(report: dict) -> list[str]:
+    """The "Served models" section of ceval.md: how each endpoint was asked, and its counts."""
+    lines = []
+    for label, m in report["models"].items():
+        e = m.get("endpoint")
+        if not e:
+            continue
+        lines.append(f"- `{label}`: `{e['url']}`, served model `{e['served_model']}`, scoring `{e['scoring']}`, "
+                     f"prompts as {e['prompts']}; {e['answers_fetched']} answer(s) fetched with "
+                     f"{e['http_requests']} HTTP request(s) ({e['retries']} retries, {e['requests_per_second']} "
+                     f"req/s, concurrency {e['concurrency']}), {e['answers_from_cache']} from the answer cache")
+        if e["scoring"] == "logprobs":
+            lines.append(f"  - letters: top {e['top_logprobs']} logprobs of the first token, forms "
+                         f"{', '.join(repr(f) for f in e['letter_forms'])}; absent from the top "
+                         f"{e['top_logprobs']}: {e['letter_scores_missing']} letter score(s) in "
+                         f"{e['questions_with_missing_letters']} question(s) (-inf); scored on spaced letters: "
+                         f"{e['questions_scored_on_spaced_letters']}; letter fallback `{e['letter_fallback']}` "
+                         f"({e['echo_requests']} echo request(s))")
+        else:
+            lines.append(f"  - generation through `{e['api']}` with a budget of {e['max_tokens']} tokens: "
+                         f"{e['unparsed']} reply(ies) without a parsable answer (counted wrong), "
+                         f"{e['budget_exhausted']} reached the budget")
+            for x in e.get("unparsed_examples", []):
+                tail = x["reply_end"].replace("\n", " ").replace("`", "'").strip()
+                lines.append(f"  - unparsed `{x['question']}`: " + (f"`…{tail}`" if tail else "(empty reply)"))
+    return lines
 
 
 def no_loss_note(comparison: dict) -> str | None:
@@ -122,8 +162,7 @@ def render_markdown(report: dict) -> str:
                   f"wrong→other wrong {fl['wrong_to_other_wrong']}",
                   f"- McNemar (b={mc['b']}, c={mc['c']}): exact p = {mc['p_value']:.4g}, χ² (cc) = "
                   f"{mc['statistic']:.3f}",
-                  f"- KL(float‖quantized) of the A–D distribution: mean {kl['mean']:.3g}, median {kl['median']:.3g}, "
-                  f"p95 {kl['p95']:.3g}, max {kl['max']:.3g} nats", "",
+                  f"- KL(float‖quantized) of the A–D distribution: {kl_sentence(kl)}", "",
                   "| group | float | quantized | Δ | CI | KL mean (nats) |", "|---|---|---|---|---|---|"]
         for cat, v in c["categories"].items():
             lines.append(f"| {cat} ({v['subjects']}) | {_fmt(v['float'])} | {_fmt(v['quantized'])} | "
@@ -139,10 +178,12 @@ def render_markdown(report: dict) -> str:
             damaged = [s for s in c["most_damaged"] if c["subjects"][s]["delta"] < 0][:5]
             lines += ["", "Most damaged subjects: " + ", ".join(
                 f"`{s}` ({c['subjects'][s]['delta']:+.1f})" for s in damaged)]
-        by_kl = sorted(c["subjects"], key=lambda s: (-(c["subjects"][s].get("kl_mean") or 0.0), s))[:5]
-        lines += ["", "Largest A–D KL (subjects, nats): " + ", ".join(
-            f"`{s}` ({_kl(c['subjects'][s].get('kl_mean'))})" for s in by_kl)
-            + ("; see `kl.png`" if "kl.png" in report.get("plots", []) else ""), ""]
+        if has_kl(c):
+            by_kl = sorted(c["subjects"], key=lambda s: (-(c["subjects"][s].get("kl_mean") or 0.0), s))[:5]
+            lines += ["", "Largest A–D KL (subjects, nats): " + ", ".join(
+                f"`{s}` ({_kl(c['subjects'][s].get('kl_mean'))})" for s in by_kl)
+                + ("; see `kl.png`" if "kl.png" in report.get("plots", []) else "")]
+        lines.append("")
     if report["comparisons"]:
         lines += ["## Per subject", "", "| subject | category | n | " + " | ".join(f"`{x}`" for x in labels)
                   + " | " + " | ".join(f"Δ `{x}` (CI)" for x in report["comparisons"])
@@ -160,6 +201,9 @@ def render_markdown(report: dict) -> str:
         hard = " (Hard)" if s in HARD else ""
         lines.append(f"| {s}{hard} | {SUBJECTS[s].category} | {n} | {accs}{deltas} |")
     lines.append("")
+    served = endpoint_lines(report)
+    if served:
+        lines += ["## Served models", ""] + served + [""]
     overlap = report.get("overlap", {})
     if overlap:
         lines += ["## Calibration overlap check", ""]
@@ -255,7 +299,7 @@ def plot_categories(report: dict):
         ax.set_ylabel("Δ points (quantized − float)")
         ax.set_title("Accuracy change per group (paired bootstrap CI)")
         if all_zero:
-            moved = any(c["kl"]["mean"] > 0 for c in comps.values())
+            moved = any((c["kl"]["mean"] or 0.0) > 0 for c in comps.values())
             text = "Δ = 0 in every group, CI [0, 0]\n" + (
                 "the A–D distributions still moved: see the KL divergence in kl.png" if moved
                 else "and KL = 0: the A–D distributions are identical")
@@ -333,7 +377,7 @@ def plot_kl(report: dict):
     """
     from matplotlib.figure import Figure
 
-    comps = report["comparisons"]
+    comps = {label: c for label, c in report["comparisons"].items() if has_kl(c)}
     colors = _model_colors(report)
     names = _group_names(report)
     first = next(iter(comps.values()))
@@ -397,11 +441,13 @@ def plot_kl(report: dict):
 
 
 def plot_figures(report: dict) -> dict:
-    """file name -> matplotlib Figure, for every plot of the report (KL and subjects only with a comparison)."""
+    """file name -> matplotlib Figure, for every plot of the report (subjects only with a comparison, KL only with
+    a comparison that has one)."""
     figures = {"categories.png": plot_categories(report)}
     if report["comparisons"]:
         figures["subjects.png"] = plot_subjects(report)
-        figures["kl.png"] = plot_kl(report)
+        if any(has_kl(c) for c in report["comparisons"].values()):
+            figures["kl.png"] = plot_kl(report)
     return figures
 
 
@@ -421,7 +467,7 @@ def print_summary(report: dict, out: str | Path | None = None) -> None:
         print(f"{label} vs {c['float']}: delta {c['delta_points']:+.2f} points, CI {_ci(c['delta_ci'])}, "
               f"flip rate {c['flip_rate']:.4f} (correct->wrong {c['flips']['correct_to_wrong']}, wrong->correct "
               f"{c['flips']['wrong_to_correct']}), McNemar p {c['mcnemar']['p_value']:.4g}, KL mean "
-              f"{c['kl']['mean']:.3g}")
+              f"{_kl(c['kl']['mean'])}")
     for label, info in report.get("overlap", {}).items():
         if info.get("status") == "overlap":
             print(f"WARNING: {label}: calibration data overlaps the evaluated questions (see ceval.md)")

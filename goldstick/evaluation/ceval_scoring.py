@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -169,26 +169,46 @@ def _score_shared_prefix(net, requests, rows, length, letter_ids, scores, pad_id
 # ---- results -----------------------------------------------------------------------------------------------------
 @dataclass
 class ModelRun:
-    """One model's answers on the questions of a ``CEvalData`` (same order as ``data.questions()``)."""
+    """One model's answers on the questions of a ``CEvalData`` (same order as ``data.questions()``).
+
+    ``scoring``: ``logits`` (in-process), ``logprobs`` (a served model's log-probabilities: the same A-D softmax)
+    or ``generate`` (a served model's generated answer: 0 for the letter found, -inf for the others). A letter
+    score may be -inf (a served model's letter absent from its top logprobs); a row without any finite score has
+    no answer (prediction -1, never correct, probabilities 0). ``details``: how a served model was asked.
+    """
 
     label: str
     path: str
-    scores: np.ndarray  # [N, 4] letter scores (logits, or continuation log-likelihoods)
+    scores: np.ndarray  # [N, 4] letter scores (logits, log-probabilities, or continuation log-likelihoods)
     questions: list[Question]
     seconds: float = 0.0
+    scoring: str = "logits"
+    details: dict = field(default_factory=dict)
+
+    @property
+    def answered(self) -> np.ndarray:
+        return np.isfinite(self.scores).any(-1)
 
     @property
     def predictions(self) -> np.ndarray:
-        return self.scores.argmax(-1)
+        return np.where(self.answered, self.scores.argmax(-1), -1)
 
     @property
     def probabilities(self) -> np.ndarray:
-        return np.exp(log_softmax(self.scores))
+        out = np.zeros(self.scores.shape, dtype=np.float64)
+        rows = self.answered
+        out[rows] = np.exp(log_softmax(self.scores[rows]))
+        return out
+
+    @property
+    def distribution_rows(self) -> np.ndarray:
+        """Rows whose four letter scores are finite scores of a distribution (where a KL divergence exists)."""
+        return np.isfinite(self.scores).all(-1) & (self.scoring != "generate")
 
     @property
     def correct(self) -> np.ndarray:
         answers = np.array([LETTERS.index(q.answer) if q.answer in LETTERS else -1 for q in self.questions])
-        return self.predictions == answers
+        return (self.predictions == answers) & (answers >= 0)
 
     def summary(self) -> dict:
         return accuracy_summary(self.questions, self.correct)

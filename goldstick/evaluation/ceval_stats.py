@@ -12,7 +12,8 @@ points, so a loss is negative):
 * McNemar's test on the discordant pairs (b = correct->wrong, c = wrong->correct): exact two-sided binomial p-value,
   and the continuity-corrected chi-square statistic.
 * KL(float || quantized) of the A-D distributions (softmax over the four letter scores), in nats: its mean, median,
-  p95 and max over all questions (``kl``), and its mean over the questions of every subject, category and of C-Eval
+  p95 and max over the questions where both models have four finite letter scores (``kl``; none for a served model
+  scored by generation, ``None`` then), and its mean over the questions of every subject, category and of C-Eval
   Hard (``kl_mean``). It separates two quantized models whose accuracy does not: on a model at chance, or when no
   answer changes, every delta is 0 but the KL still measures how far the A-D distribution moved.
 
@@ -168,6 +169,7 @@ def build_report(ceval: CEvalData, runs: Sequence[ModelRun], requests: Sequence[
             ci["hard"] = boot.interval(_mean_over(per_subject, hard))
         models[run.label] = {
             "path": run.path,
+            "scoring": run.scoring,
             "seconds": round(run.seconds, 2),
             "overall": _r(summary["overall"]),
             "overall_question_weighted": _r(summary["overall_question_weighted"]),
@@ -180,6 +182,8 @@ def build_report(ceval: CEvalData, runs: Sequence[ModelRun], requests: Sequence[
             "ci": {k: (_r(v) if not isinstance(v, dict) else {kk: _r(vv) for kk, vv in v.items()})
                    for k, v in ci.items()},
         }
+        if run.details:
+            models[run.label]["endpoint"] = run.details
 
     reference = runs[0]
     comparisons = {}
@@ -200,7 +204,9 @@ def build_report(ceval: CEvalData, runs: Sequence[ModelRun], requests: Sequence[
             "n_questions": len(questions),
             "prompt": "C-Eval official answer-only prompt, Chinese subject name in the header; "
                       "shots are the dev rows in file order",
-            "scoring": "argmax of the next-token logits of A/B/C/D after '答案：'",
+            "scoring": "argmax of the next-token logits of A/B/C/D after '答案：'" + (
+                "; served models: the same letters' log-probabilities, or the generated answer (see "
+                "models.<label>.endpoint)" if any(r.scoring != "logits" for r in runs) else ""),
             "letter_token_ids": list(letter_ids) if letter_ids is not None else None,
             "max_positions": max_len,
             "prompts_with_fewer_shots": int(reduced),
@@ -234,8 +240,18 @@ def _compare(ref: ModelRun, run: ModelRun, summaries: dict, boots: dict, boot: B
     changed = pf != pq
     c2w, w2c = cf & ~cq, ~cf & cq
     w2w = changed & ~cf & ~cq
-    kl = kl_divergence(ref.scores, run.scores)
+    kl_rows = ref.distribution_rows & run.distribution_rows  # KL only where both have four finite logprobs
+    kl = np.full(len(cf), np.nan)
+    if kl_rows.any():
+        kl[kl_rows] = kl_divergence(ref.scores[kl_rows], run.scores[kl_rows])
     n = len(cf)
+
+    def kl_mean(idx) -> float | None:
+        values = kl[idx]
+        values = values[~np.isnan(values)]
+        return _sig(values.mean()) if values.size else None
+
+    measured = kl[kl_rows]
 
     subjects = {}
     for s, idx in rows.items():
@@ -243,18 +259,18 @@ def _compare(ref: ModelRun, run: ModelRun, summaries: dict, boots: dict, boot: B
             "float": _r(f["subjects"][s]), "quantized": _r(q["subjects"][s]),
             "delta": _r(q["subjects"][s] - f["subjects"][s]), "ci": _r(boot.interval(delta_sub[s])),
             "n": int(len(idx)), "changed": int(changed[idx].sum()), "correct_to_wrong": int(c2w[idx].sum()),
-            "wrong_to_correct": int(w2c[idx].sum()), "kl_mean": _sig(kl[idx].mean()),
+            "wrong_to_correct": int(w2c[idx].sum()), "kl_mean": kl_mean(idx),
         }
     categories = {c: {"float": _r(f["categories"][c]), "quantized": _r(q["categories"][c]),
                       "delta": _r(q["categories"][c] - f["categories"][c]),
                       "ci": _r(boot.interval(_mean_over(delta_sub, m))), "subjects": len(m),
-                      "kl_mean": _sig(kl[np.concatenate([rows[s] for s in m])].mean())}
+                      "kl_mean": kl_mean(np.concatenate([rows[s] for s in m]))}
                   for c, m in groups.items()}
     hard_block = None
     if hard:
         hard_block = {"float": _r(f["hard"]), "quantized": _r(q["hard"]), "delta": _r(q["hard"] - f["hard"]),
                       "ci": _r(boot.interval(_mean_over(delta_sub, hard))), "subjects": len(hard),
-                      "kl_mean": _sig(kl[np.concatenate([rows[s] for s in hard])].mean())}
+                      "kl_mean": kl_mean(np.concatenate([rows[s] for s in hard]))}
     worst = sorted(subjects, key=lambda s: (subjects[s]["delta"], -subjects[s]["changed"], s))[:WORST_SUBJECTS]
     return {
         "float": ref.label,
@@ -269,8 +285,12 @@ def _compare(ref: ModelRun, run: ModelRun, summaries: dict, boots: dict, boot: B
                   "correct_to_wrong_rate": _r(c2w.sum() / n, 6), "wrong_to_correct_rate": _r(w2c.sum() / n, 6)},
         "mcnemar": {k: (_r(v, 6) if isinstance(v, float) else v) for k, v in mcnemar(int(c2w.sum()),
                                                                                        int(w2c.sum())).items()},
-        "kl": {"mean": _sig(kl.mean()), "median": _sig(np.median(kl)), "p95": _sig(np.percentile(kl, 95)),
-               "max": _sig(kl.max()), "unit": "nats, KL(float || quantized) of the A-D softmax"},
+        "kl": {"mean": _sig(measured.mean()) if measured.size else None,
+               "median": _sig(np.median(measured)) if measured.size else None,
+               "p95": _sig(np.percentile(measured, 95)) if measured.size else None,
+               "max": _sig(measured.max()) if measured.size else None, "questions": int(measured.size),
+               "unit": "nats, KL(float || quantized) of the A-D softmax, over the questions where both models "
+                       "have four finite letter log-probabilities"},
         "categories": categories,
         "hard": hard_block,
         "subjects": subjects,
