@@ -17,7 +17,6 @@ the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from folders import digests
 
 from goldstick.engine.pipeline import QuantizeError, quantize
 from goldstick.io.rundir import WORK_DIR
@@ -141,11 +141,6 @@ probe(engine, "write_manifest")
 probe(rundir, "write_json_atomic", detail=file_name)
 runpy.run_module("goldstick.cli", run_name="__main__", alter_sys=True)
 '''
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def start(recipe: str, out: Path, *extra: str, stall: str | None = None, marker: Path | None = None,

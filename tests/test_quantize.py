@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from folders import digests
 
 import goldstick
 from goldstick.cli import main as cli
@@ -27,11 +27,6 @@ FAST = dict(calib_samples=8, calib_seq_len=64, progress=False)
 @pytest.fixture(scope="module")
 def tiny() -> Path:
     return default_model_path()
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def copy_checkpoint(src: Path, dst: Path, edit=None, layer_map: dict[int, int] | None = None,

@@ -4,12 +4,12 @@ run really used in recipe.yaml, and calibration sequences clipped to the model's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from folders import digests
 
 from goldstick.engine.calibration import CalibrationSet
 from goldstick.engine.feedback import Feedback, calibration_summary
@@ -24,11 +24,6 @@ DEFAULT_DATA = "calibration/mixed-zh-en.jsonl"
 @pytest.fixture(scope="module")
 def tiny() -> Path:
     return default_model_path()
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ---- before and during the run --------------------------------------------------------------------------------

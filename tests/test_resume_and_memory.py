@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -11,16 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from folders import digests
 
 from goldstick.testing.make_model import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--calib-samples", "8", "--calib-seq-len", "64", "--no-progress"]
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def goldstick(*args: str, **kw) -> subprocess.Popen:
