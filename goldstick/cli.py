@@ -9,7 +9,7 @@
     goldstick ceval --model DIR --quantized DIR --data CEVAL_DIR [--shots 0|5] --out DIR
     goldstick ceval eval/JOB.yaml                     C-Eval regression job (exit 3 when the drop fails the gate)
     goldstick generate DIR "prompt" [--temperature T ...] [--no-cache] [--verify]   continuation, with tokens/s
-    goldstick serve DIR [--port N] [--host H] [--verify]   OpenAI-style HTTP server (/v1/completions)
+    goldstick serve DIR [--port N] [--host H] [--max-batch B] [--verify]   OpenAI-style HTTP server
     goldstick analyze --model DIR --recipe R --out DIR [--propose --budget X]   per-layer loss analysis
     goldstick make-model --out DIR [--size tiny|wide] [--fp8] [--set KEY=INT ...]
     goldstick verify DIR [--no-hash]                  check a quantized checkpoint (exit 2 listing problems)
@@ -206,7 +206,9 @@ def _verify_first(model: Path) -> None:
 
 # ---- serve -------------------------------------------------------------------------------------------------------
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-style HTTP server (/v1/completions, /v1/models, /health)",
+    from goldstick.serve import MAX_BATCH as MAX_SERVE_BATCH
+
+    p = sub.add_parser("serve", help="OpenAI-style HTTP server (/v1/completions, /v1/chat/completions, /v1/models)",
                        description="Serve a float or quantized checkpoint over HTTP (FastAPI + uvicorn, installed "
                                    "with goldstick). The port is taken before the model loads.")
     p.add_argument("model", nargs="?", help="checkpoint folder (default: embedded model)")
@@ -215,6 +217,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients use (default: the path as given; its folder name also matches)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-batch", type=int, default=MAX_SERVE_BATCH,
+                   help=f"prompts of concurrent requests run together as one batch (default {MAX_SERVE_BATCH}; "
+                        "1 serves one request at a time)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--verify", action="store_true", help="check the checkpoint first (goldstick verify: hashes, "
                                                          "tensors, scales) and refuse it if anything is wrong")
@@ -229,12 +234,14 @@ def run_serve(args) -> int:
         raise UsageError(f"goldstick serve needs FastAPI and uvicorn ({exc}): pip install fastapi uvicorn") from None
     from goldstick.serve.http import serve
 
+    if args.max_batch < 1:
+        raise UsageError(f"--max-batch must be at least 1, got {args.max_batch}")
     model = _model_or_default(args.model)
     if args.verify:
         _verify_first(model)
     _say_if_synthetic(model)
     serve(model, host=args.host, port=args.port, served_model_name=args.served_model_name,
-          max_body_bytes=args.max_body_bytes, log_level=args.log_level)
+          max_body_bytes=args.max_body_bytes, log_level=args.log_level, max_batch=args.max_batch)
     return 0
 
 

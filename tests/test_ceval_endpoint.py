@@ -496,16 +496,6 @@ class Served:
                 pytest.fail(f"goldstick serve not healthy:\n{log.read_text()}")
             time.sleep(0.1)
 
-    def supports(self, body: dict) -> bool:
-        req = urllib.request.Request(f"{self.url}/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                choice = json.loads(r.read())["choices"][0]
-        except urllib.error.HTTPError:
-            return False
-        return bool(choice.get("logprobs") and choice["logprobs"].get("token_logprobs"))
-
     def kill(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -526,36 +516,23 @@ def served(tmp_path):
         s.kill()
 
 
-def serve_capabilities(server: Served) -> tuple[bool, bool]:
-    logprobs = server.supports({"prompt": "答案：", "max_tokens": 1, "temperature": 0, "logprobs": 20})
-    echo = logprobs and server.supports({"prompt": "答案：A", "max_tokens": 0, "echo": True, "logprobs": 1})
-    return logprobs, echo
-
-
 @pytest.mark.slow
 def test_goldstick_serve_scores_equal_in_process_scores(served, model, tmp_path):
+    """The float model in-process and behind goldstick serve: per question the same four probabilities (the letters
+    outside the top 20 scored by echo) and the same answer."""
     server = served()
-    logprobs, echo = serve_capabilities(server)
-    if not logprobs:
-        pytest.skip("goldstick serve does not return logprobs on /v1/completions")
     out = tmp_path / "r"
-    argv = ceval("--model", model.dir, "--quantized", f"served={server.url}", "--out", out)
-    assert main([*argv, *(["--letter-fallback", "echo"] if echo else [])]) == 0
+    assert main(ceval("--model", model.dir, "--quantized", f"served={server.url}", "--out", out,
+                      "--letter-fallback", "echo")) == 0
     report = json.loads((out / "ceval.json").read_text())
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
-    compared = 0
+    assert len(preds) == 30
     for p in preds:
-        f, s = np.array(p["probabilities"]["float"]), np.array(p["probabilities"]["served"])
-        if echo or (s > 0).all():  # without echo, only questions with all four letters in the top 20
-            np.testing.assert_allclose(s, f, atol=1e-4)
-            assert p["predictions"]["served"] == p["predictions"]["float"]
-            compared += 1
+        np.testing.assert_allclose(p["probabilities"]["served"], p["probabilities"]["float"], atol=1e-4)
+        assert p["predictions"]["served"] == p["predictions"]["float"]
     e = report["models"]["served"]["endpoint"]
-    if echo:
-        assert compared == len(preds) == 30 and e["letter_scores_missing"] == 0
-        assert report["comparisons"]["served"]["flip_rate"] == 0
-    else:
-        assert e["letter_scores_missing"] > 0
+    assert e["letter_scores_missing"] == 0 and e["answers_fetched"] > 0
+    assert report["comparisons"]["served"]["flip_rate"] == 0
 
 
 @pytest.mark.slow
@@ -564,10 +541,7 @@ def test_goldstick_serve_killed_mid_job_and_restarted(served, model, tmp_path, c
     port, the rerun completes with the report of an uninterrupted run and sends only the missing requests."""
     port = free_port()
     server = served(port)
-    logprobs, _ = serve_capabilities(server)
-    # without logprobs support, score by generation through completions (what goldstick serve answers today)
-    scoring = [] if logprobs else ["--scoring", "generate", "--api", "completions", "--max-tokens", "4"]
-    base = ["--model", model.dir, "--quantized", f"served={server.url}", "--concurrency", "1", *scoring]
+    base = ["--model", model.dir, "--quantized", f"served={server.url}", "--concurrency", "1"]
     reference = tmp_path / "reference"
     assert main(ceval(*base, "--out", reference)) == 0
     total = json.loads((reference / "ceval.json").read_text())["models"]["served"]["endpoint"]["answers_fetched"]

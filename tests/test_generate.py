@@ -7,11 +7,14 @@ import dataclasses
 
 import numpy as np
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, ops
+from mindspore.ops import Primitive
+from mindspore.ops.auto_generate import MatMulExt
 
 from goldstick.cli import main as cli
 from goldstick.engine.pipeline import quantize
 from goldstick.quant.cells import DynamicW8A8Linear, replace_cell
+from goldstick.quant.numerics import log_softmax
 from goldstick.serve.generate import (
     Generator,
     SamplingParams,
@@ -19,7 +22,9 @@ from goldstick.serve.generate import (
     choose_token,
     greedy_generate,
     sampling_filter,
+    top_logprobs,
 )
+from goldstick.serve.host_ops import HostPrimitive, host_function, host_primitives
 from goldstick.testing.make_model import default_model_path
 
 TOLERANCE = 1e-4
@@ -36,11 +41,16 @@ def float_gen() -> Generator:
 
 
 @pytest.fixture(scope="module")
-def quant_gen(tmp_path_factory) -> Generator:
+def quant_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "w8a8"
     quantize(default_model_path(), "deepseek-r1-w8a8-dynamic", out=out, calib_samples=8, calib_seq_len=64,
              progress=False)
-    return Generator.from_dir(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def quant_gen(quant_dir) -> Generator:
+    return Generator.from_dir(quant_dir)
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +257,105 @@ def test_greedy_generate_compat(float_gen):
     text, stats = greedy_generate(default_model_path(), "I love Beijing, because", 3, net=float_gen.net)
     assert text.startswith("I love Beijing, because") and 1 <= stats["new_tokens"] <= 3
 
+
+# ------------------------------------------------------------------------------------------------ logprobs
+def uncached_logprobs(gen: Generator, ids: list[int]) -> np.ndarray:
+    """log-softmax (float64) of the uncached forward's logits for one sequence: row j scores token j + 1."""
+    return log_softmax(gen.net(Tensor(np.asarray([ids], dtype=np.int32))).asnumpy()[0])
+
+
+def test_logprobs_are_the_log_softmax_of_the_logits(float_gen):
+    params = SamplingParams(max_tokens=5, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    (c,), _ = float_gen.generate(PROMPTS[0], params)
+    lp = uncached_logprobs(float_gen, c.prompt_ids + c.token_ids)
+    n = len(c.prompt_ids)
+    want = [lp[n - 1 + i, t] for i, t in enumerate(c.token_ids)]
+    np.testing.assert_allclose(c.logprobs, want, atol=1e-4)
+    assert c.prompt_logprobs[0] is None and c.prompt_top_logprobs[0] is None
+    np.testing.assert_allclose(c.prompt_logprobs[1:], [lp[j, c.prompt_ids[j + 1]] for j in range(n - 1)], atol=1e-4)
+    for i, top in enumerate(c.top_logprobs):
+        assert len(top) == 3 and top[0][0] == c.token_ids[i]  # greedy: the chosen token is the likeliest
+        assert [t for t, _ in top] == list(np.argsort(-lp[n - 1 + i], kind="stable")[:3])
+        assert all(a[1] >= b[1] for a, b in zip(top, top[1:]))
+    assert all(len(top) == 2 for top in c.prompt_top_logprobs[1:])
+
+
+def test_scoring_only_and_per_prompt_params(float_gen):
+    """max_tokens 0 with prompt_logprobs runs the prefill only; one SamplingParams per prompt of a batch."""
+    ids = [float_gen.encode(p) for p in PROMPTS]
+    scoring = SamplingParams(max_tokens=0, prompt_logprobs=1)
+    greedy = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=0)
+    (scored, generated), timing = float_gen.generate_ids(ids, [scoring, greedy])
+    assert scored.token_ids == [] and scored.logprobs == [] and len(scored.prompt_logprobs) == len(ids[0])
+    assert len(generated.token_ids) == 4 and generated.prompt_logprobs == []
+    assert all(top == [] for top in generated.top_logprobs)  # logprobs=0: the chosen token's only
+    assert timing.new_tokens == 4
+    (alone,), _ = float_gen.generate_ids([ids[0]], scoring)
+    np.testing.assert_allclose(scored.prompt_logprobs[1:], alone.prompt_logprobs[1:], atol=1e-4)
+    (alone,), _ = float_gen.generate_ids([ids[1]], greedy)
+    assert alone.token_ids == generated.token_ids
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        float_gen.generate_ids([ids[0]], [scoring, greedy])
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21).check()
+
+
+def test_top_logprobs_order_and_ties():
+    lp = np.log(np.array([0.1, 0.3, 0.1, 0.3, 0.2]))
+    assert [t for t, _ in top_logprobs(lp, 3)] == [1, 3, 4]
+    assert [t for t, _ in top_logprobs(lp, 4)] == [1, 3, 4, 0]  # the tie at the edge: the smaller id
+    assert top_logprobs(lp, 0) == [] and len(top_logprobs(lp, 9)) == 5
+
+
+# ------------------------------------------------------------------------------------------------ host ops
+def test_host_primitives_compute_what_the_primitives_compute():
+    rng = np.random.RandomState(0)
+
+    def t(*shape, integers=False):
+        a = rng.randint(-127, 128, shape) if integers else rng.randn(*shape)
+        return Tensor(a.astype(np.float32))
+
+    cases = [
+        (ops.MatMul(transpose_b=True), (t(5, 64), t(32, 64))),
+        (ops.MatMul(transpose_a=True), (t(64, 5), t(64, 32))),
+        (ops.BatchMatMul(transpose_b=True), (t(2, 3, 5, 16), t(2, 3, 7, 16))),
+        (ops.BatchMatMul(), (t(2, 3, 5, 16), t(2, 3, 16, 7))),
+        (MatMulExt(), (t(2, 4, 5, 16), t(2, 1, 16, 7))),       # broadcast over heads
+        (MatMulExt(), (t(2, 4, 5, 16), t(4, 16, 7))),          # broadcast over the batch
+        (ops.Softmax(-1), (t(2, 4, 5, 7),)),
+        (ops.Gather(), (t(50, 8), Tensor(rng.randint(0, 50, (2, 5)).astype(np.int32)), 0)),
+    ]
+    for primitive, args in cases:
+        host = HostPrimitive(primitive, host_function(primitive))
+        want, got = primitive(*args).asnumpy(), host(*args).asnumpy()
+        assert got.shape == want.shape and got.dtype == want.dtype, primitive
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(primitive))
+    # integer-valued operands (the W8A8 twin's matmul): exact
+    x, w = t(7, 512, integers=True), t(96, 512, integers=True)
+    matmul = ops.MatMul(transpose_b=True)
+    assert np.array_equal(HostPrimitive(matmul, host_function(matmul))(x, w).asnumpy(), matmul(x, w).asnumpy())
+    assert host_function(ops.ReduceSum()) is None
+
+
+@pytest.mark.parametrize("which", ["float", "w8a8-dynamic"])
+def test_host_primitives_keep_decoding(which, request):
+    """goldstick serve's network: every primitive a cell holds runs on the host; the same greedy tokens as eager,
+    past the cache's first 64-position block and on both attention paths."""
+    gen = Generator.from_dir(default_model_path() if which == "float" else request.getfixturevalue("quant_dir"))
+    ids = [gen.encode(p) for p in PROMPTS]
+    params = SamplingParams(max_tokens=70, ignore_eos=True)
+    eager, _ = gen.generate_ids(ids, params, keep_logits=True)
+    expand, _ = gen.generate_ids(ids[:1], SamplingParams(max_tokens=3), absorb=False, keep_logits=True)
+    replaced, kept = host_primitives(gen.net)
+    assert replaced > 0 and kept == []
+    held = [v for _, cell in gen.net.cells_and_names() for v in vars(cell).values()]
+    assert not any(isinstance(v, Primitive) for v in held)
+    assert sum(isinstance(v, HostPrimitive) for v in held) == replaced
+    host, _ = gen.generate_ids(ids, params, keep_logits=True)
+    host_expand, _ = gen.generate_ids(ids[:1], SamplingParams(max_tokens=3), absorb=False, keep_logits=True)
+    for a, b in zip(eager + expand, host + host_expand):
+        if which == "float":  # the int8 twin's requantization can turn a last-bit change into another code
+            assert a.token_ids == b.token_ids
+            assert max(relative_error(x, y) for x, y in zip(a.logits, b.logits)) <= TOLERANCE
+        else:
+            assert relative_error(a.logits[0], b.logits[0]) <= 0.05

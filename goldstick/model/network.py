@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.ops.auto_generate import MatMulExt
 
 from goldstick.model.architecture import route
 from goldstick.model.config import MLA_NORM_EPS, ModelConfig
@@ -236,6 +237,10 @@ class Attention(nn.Cell):
         # BatchMatMul with the key untransposed: on CPU faster than ops.matmul on a transposed view
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)
         self.values_matmul = ops.BatchMatMul()
+        # ops.matmul and ops.softmax as primitives the cell holds (the same kernels), which goldstick serve runs on
+        # the host: eager, their non-tensor arguments cost memory per launch on CPU (goldstick.serve.host_ops)
+        self.matmul = MatMulExt()
+        self.softmax = ops.Softmax(-1)
 
     def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         """x [B,S,hidden]; cos/sin [B,1,S,rope/2]; mask [B,1,S,S] bool, True where attention is forbidden."""
@@ -259,7 +264,7 @@ class Attention(nn.Cell):
         key = ops.cat((k_nope, k_rope), -1)
         scores = self.scores_matmul(query, key) * self.softmax_scale
         scores = masked_fill(scores, mask)
-        probs = ops.softmax(scores, -1)
+        probs = self.softmax(scores)
         out = self.values_matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, s, self.n_heads * self.v_dim)
         return self.o_proj(out)
 
@@ -290,22 +295,22 @@ class Attention(nn.Cell):
         latent, k_rope = cache.append(layer, latent, k_rope)  # [B,C,r], [B,C,rope]
         t = latent.shape[1]
 
-        rope_scores = ops.matmul(q_rope, k_rope.reshape(b, 1, t, self.rope).transpose(0, 1, 3, 2))
+        rope_scores = self.matmul(q_rope, k_rope.reshape(b, 1, t, self.rope).transpose(0, 1, 3, 2))
         absorbed = cache.absorbed_weights(layer, self) if cache.absorb else None
         if absorbed is not None:
             w_uk, w_uv_t = absorbed  # [H, nope, r], [H, r, v]
             latent_t = latent.reshape(b, 1, t, self.kv_lora_rank)
-            scores = ops.matmul(ops.matmul(q_nope, w_uk), latent_t.transpose(0, 1, 3, 2)) + rope_scores
+            scores = self.matmul(self.matmul(q_nope, w_uk), latent_t.transpose(0, 1, 3, 2)) + rope_scores
             scores = masked_fill(scores * self.softmax_scale, mask)
-            probs = ops.softmax(scores, -1)
-            out = ops.matmul(ops.matmul(probs, latent_t), w_uv_t)  # [B,H,S,r] -> [B,H,S,v]
+            probs = self.softmax(scores)
+            out = self.matmul(self.matmul(probs, latent_t), w_uv_t)  # [B,H,S,r] -> [B,H,S,v]
         else:
             kv = self.kv_b_proj(latent).reshape(b, t, self.n_heads, self.nope + self.v_dim).transpose(0, 2, 1, 3)
             k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
-            scores = ops.matmul(q_nope, k_nope.transpose(0, 1, 3, 2)) + rope_scores
+            scores = self.matmul(q_nope, k_nope.transpose(0, 1, 3, 2)) + rope_scores
             scores = masked_fill(scores * self.softmax_scale, mask)
-            probs = ops.softmax(scores, -1)
-            out = ops.matmul(probs, v)
+            probs = self.softmax(scores)
+            out = self.matmul(probs, v)
         out = out.transpose(0, 2, 1, 3).reshape(b, s, self.n_heads * self.v_dim)
         return self.o_proj(out)
 
@@ -493,9 +498,10 @@ class Embedding(nn.Cell):
     def __init__(self, vocab: int, hidden: int):
         super().__init__()
         self.weight = _param((vocab, hidden), "weight")
+        self.gather = ops.Gather()
 
     def construct(self, ids: Tensor) -> Tensor:
-        return ops.gather(self.weight, ids, 0)
+        return self.gather(self.weight, ids, 0)
 
 
 class RotaryTables:
@@ -507,7 +513,8 @@ class RotaryTables:
 
     def __call__(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions int [B, S] -> cos, sin [B, 1, S, rope/2]."""
-        freqs = positions.astype(ms.float32).expand_dims(-1) * self.inv_freq
+        # the cast on the host: an eager Cast keeps memory per launch on CPU (goldstick.serve.host_ops)
+        freqs = Tensor.from_numpy(positions.asnumpy().astype(np.float32)).expand_dims(-1) * self.inv_freq
         freqs = freqs.expand_dims(1)
         return ops.cos(freqs) * self.attention_factor, ops.sin(freqs) * self.attention_factor
 
@@ -569,7 +576,8 @@ class KVCache:
         for store, new in ((self.latent, latent), (self.k_rope, k_rope)):
             buf = store[layer]
             if buf is None or buf.shape[1] < self.capacity:
-                grown = ops.zeros((new.shape[0], self.capacity, new.shape[2]), new.dtype)
+                # zeros from the host: an eager ops.zeros keeps memory per launch on CPU (goldstick.serve.host_ops)
+                grown = Tensor(np.zeros((new.shape[0], self.capacity, new.shape[2]), np.float32), new.dtype)
                 if buf is not None:
                     grown[:, : buf.shape[1]] = buf
                 store[layer] = buf = grown

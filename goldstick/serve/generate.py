@@ -11,12 +11,18 @@ token of prompt and continuation, each distinct token once: ``l / p`` when ``l >
 sampling temperature, top-k (ties with the k-th value kept), top-p (smallest set whose probability reaches
 ``top_p``, at least one token). ``temperature == 0`` means greedy (argmax after the penalty). Sampling is
 reproducible: each sequence draws from its own ``numpy.random.default_rng(seed)``, so a prompt samples the same
-continuation alone or in a batch.
+continuation alone or in a batch. The prompts of a batch may each have their own ``SamplingParams``.
+
+Log-probabilities (``SamplingParams.logprobs`` for the generated tokens, ``prompt_logprobs`` for the prompt's) are
+the full-vocabulary log-softmax of the raw next-token logits, in float64 on the float32 logits
+(``goldstick.quant.numerics.log_softmax``, the in-process C-Eval scoring's): before the repetition penalty and
+the sampling filters, as vLLM reports them.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +31,9 @@ import numpy as np
 from goldstick.errors import UsageError
 from goldstick.io.loader import load_model
 from goldstick.model.tokenizer import PAD_TOKEN, load_tokenizer
+from goldstick.quant.numerics import log_softmax
+
+MAX_LOGPROBS = 20  # most top log-probabilities per token (vLLM's default max_logprobs)
 
 
 @dataclass
@@ -37,6 +46,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()        # stop strings (not included in the text)
     ignore_eos: bool = False
+    logprobs: int | None = None       # per generated token: its log-probability and the top N (None = none)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def check(self) -> SamplingParams:
         """Raise UsageError (a ValueError) naming the first out-of-range field."""
@@ -52,6 +63,11 @@ class SamplingParams:
             raise UsageError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise UsageError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise UsageError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         return self
 
     @property
@@ -67,6 +83,12 @@ class Completion:
     finish_reason: str = "length"                          # "stop" (eos or stop string) or "length"
     logits: list[np.ndarray] = field(default_factory=list)  # per step [vocab], raw, when keep_logits
     stopped_by_string: bool = False
+    # with params.logprobs: per generated token, its log-probability and the top ones as (id, logprob), best first
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # with params.prompt_logprobs: the same per prompt token, None for the first (nothing precedes it)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -130,6 +152,20 @@ def choose_token(logits: np.ndarray, history, params: SamplingParams, rng: np.ra
     return int(min(np.searchsorted(cumulative, draw, side="right"), len(cumulative) - 1))
 
 
+def top_logprobs(logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The ``n`` most likely tokens of a log-probability row [vocab] as (id, logprob), best first; equal values in
+    id order (so the choice among ties at the n-th place does not depend on anything else)."""
+    vocab = logprobs.shape[-1]
+    n = min(n, vocab)
+    if n <= 0:
+        return []
+    kth = np.partition(logprobs, vocab - n)[vocab - n]
+    better = np.flatnonzero(logprobs > kth)
+    ids = np.concatenate((better, np.flatnonzero(logprobs == kth)[: n - better.size]))
+    ids = ids[np.lexsort((ids, -logprobs[ids]))]
+    return [(int(i), float(logprobs[i])) for i in ids]
+
+
 # ------------------------------------------------------------------------------------------------ generator
 class Generator:
     """Decoding loop around a loaded network and its tokenizer; not thread-safe (serialize calls)."""
@@ -154,27 +190,56 @@ class Generator:
         vocab = self.tokenizer.tokenizer.get_vocab_size()
         return self.tokenizer.tokenizer.decode([i for i in ids if 0 <= i < vocab], skip_special_tokens=True)
 
+    def text_offsets(self, ids: list[int]) -> list[int]:
+        """Each token's character offset in the text of ``ids``: the length of the text of the tokens before it.
+
+        Linear: the text is decoded in runs that end on a whole character (a run whose text does not end in an
+        incomplete UTF-8 sequence, shown as U+FFFD), and each offset is the length up to its run plus its run's."""
+        offsets, done, start = [], 0, 0
+        for i in range(len(ids)):
+            offsets.append(done + len(self.decode(ids[start:i])))
+            run = self.decode(ids[start:i + 1])
+            if not run.endswith("\ufffd"):
+                done, start = done + len(run), i + 1
+        return offsets
+
+    def token_text(self, token: int) -> str:
+        """One token's own text, special tokens included (an id the tokenizer does not know: "")."""
+        return self.tokenizer.tokenizer.decode([token], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's logits (ids a prompt may use)."""
+        return int(self.net.config.vocab_size)
+
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len + max_tokens > self.max_positions:
             raise UsageError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                              f"context of {self.max_positions} positions")
 
-    def generate(self, prompts: str | list[str], params: SamplingParams | None = None, use_cache: bool = True,
-                 absorb: bool = True, keep_logits: bool = False) -> tuple[list[Completion], Timing]:
+    def generate(self, prompts: str | list[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_cache: bool = True, absorb: bool = True,
+                 keep_logits: bool = False) -> tuple[list[Completion], Timing]:
         if isinstance(prompts, str):
             prompts = [prompts]
         return self.generate_ids([self.encode(p) for p in prompts], params, use_cache, absorb, keep_logits)
 
-    def generate_ids(self, prompts: list[list[int]], params: SamplingParams | None = None, use_cache: bool = True,
-                     absorb: bool = True, keep_logits: bool = False) -> tuple[list[Completion], Timing]:
-        """Continue each token-id prompt; returns one Completion per prompt and the loop's timing."""
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                     use_cache: bool = True, absorb: bool = True,
+                     keep_logits: bool = False) -> tuple[list[Completion], Timing]:
+        """Continue each token-id prompt; returns one Completion per prompt and the loop's timing.
+
+        ``params``: one ``SamplingParams`` for every prompt, or one per prompt. The prompts run as one batch,
+        left-padded to the longest. A prompt with ``max_tokens == 0`` generates nothing; with ``prompt_logprobs``
+        it is still run, to score its tokens.
+        """
         from mindspore import Tensor
 
-        params = (params or SamplingParams()).check()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("every prompt needs at least one token")
-        for p in prompts:
-            self.check_length(len(p), params.max_tokens)
+        rows = self._row_params(params, len(prompts))
+        for p, row_params in zip(prompts, rows):
+            self.check_length(len(p), row_params.max_tokens)
         b, width = len(prompts), max(len(p) for p in prompts)
         ids = np.full((b, width), self.pad_id, dtype=np.int32)
         mask = np.zeros((b, width), dtype=np.int32)
@@ -183,32 +248,45 @@ class Generator:
             mask[row, width - len(p):] = 1
         padded = not mask.all()
         out = [Completion(prompt_ids=list(p)) for p in prompts]
-        rngs = [None if params.greedy else np.random.default_rng(params.seed) for _ in prompts]
-        done = [params.max_tokens == 0] * b
-        eos = None if params.ignore_eos else self.tokenizer.eos_id
+        rngs = [None if p.greedy else np.random.default_rng(p.seed) for p in rows]
+        done = [p.max_tokens == 0 for p in rows]
+        scored = [row for row, p in enumerate(rows) if p.prompt_logprobs is not None]
 
         started = time.perf_counter()
         prefill_seconds = 0.0
         cache = self.net.new_cache(b, absorb=absorb) if use_cache else None
         step_ids, step_mask = ids, mask
-        while not all(done):
+        first = True
+        while (first and scored) or not all(done):
+            every_position = first and bool(scored)  # the prompt's tokens are scored: logits at every position
             if use_cache:
-                logits = self.net.forward_cached(Tensor(step_ids), cache, step_mask, last_only=True)
+                logits = self.net.forward_cached(Tensor(step_ids), cache, step_mask, last_only=not every_position)
             else:
                 logits = self.net(Tensor(ids), Tensor(mask) if padded else None)
-            logits = logits.asnumpy()[:, -1]
-            if prefill_seconds == 0.0:
+            logits = logits.asnumpy()
+            if every_position:
+                for row in scored:
+                    self._score_prompt(out[row], logits[row, :width], rows[row].prompt_logprobs)
+            logits = logits[:, -1]
+            if first:
                 prefill_seconds = time.perf_counter() - started
+                first = False
             next_ids = np.full((b, 1), self.pad_id, dtype=np.int32)
             for row, c in enumerate(out):
                 if done[row]:
                     continue
+                row_params = rows[row]
                 if keep_logits:
                     c.logits.append(logits[row].copy())
-                token = choose_token(logits[row], c.prompt_ids + c.token_ids, params, rngs[row])
+                token = choose_token(logits[row], c.prompt_ids + c.token_ids, row_params, rngs[row])
+                if row_params.logprobs is not None:
+                    lp = log_softmax(logits[row])
+                    c.logprobs.append(float(lp[token]))
+                    c.top_logprobs.append(top_logprobs(lp, row_params.logprobs))
                 c.token_ids.append(token)
                 next_ids[row, 0] = token
-                done[row] = self._finished(c, token, eos, params)
+                done[row] = self._finished(c, token, None if row_params.ignore_eos else self.tokenizer.eos_id,
+                                           row_params)
             if all(done):
                 break
             step_ids, step_mask = next_ids, np.ones((b, 1), dtype=np.int32)
@@ -223,6 +301,23 @@ class Generator:
         timing = Timing(prompt_tokens=sum(len(p) for p in prompts), new_tokens=sum(len(c.token_ids) for c in out),
                         seconds=seconds, prefill_seconds=prefill_seconds)
         return out, timing
+
+    @staticmethod
+    def _row_params(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        if params is None or isinstance(params, SamplingParams):
+            return [(params or SamplingParams()).check()] * n
+        rows = list(params)
+        if len(rows) != n:
+            raise UsageError(f"{len(rows)} SamplingParams for {n} prompts")
+        return [p.check() for p in rows]
+
+    @staticmethod
+    def _score_prompt(c: Completion, logits: np.ndarray, top: int) -> None:
+        """Prompt log-probabilities from the prefill's logits [width, vocab] of a left-padded row."""
+        n = len(c.prompt_ids)
+        lp = log_softmax(logits[logits.shape[0] - n:-1])  # row j predicts prompt token j + 1
+        c.prompt_logprobs = [None] + [float(lp[j, c.prompt_ids[j + 1]]) for j in range(n - 1)]
+        c.prompt_top_logprobs = [None] + [top_logprobs(lp[j], top) for j in range(n - 1)]
 
     def _finished(self, c: Completion, token: int, eos: int | None, params: SamplingParams) -> bool:
         if eos is not None and token == eos:
