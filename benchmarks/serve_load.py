@@ -163,6 +163,23 @@ def answers_match(got, want, tolerance: float = LOGPROB_TOLERANCE) -> bool:
     return got == want
 
 
+def texts_of(body: dict) -> list:
+    """A completion's choices without their log-probabilities: texts, tokens, finish reasons."""
+    return [(c.get("text"), (c.get("logprobs") or {}).get("tokens"), c.get("finish_reason"))
+            for c in body.get("choices") or []]
+
+
+def largest_float_difference(got, want) -> float:
+    """The largest difference between corresponding floats (log-probabilities) of two answers."""
+    if isinstance(got, float) and isinstance(want, float):
+        return abs(got - want)
+    if isinstance(got, dict) and isinstance(want, dict):
+        return max((largest_float_difference(got[k], want[k]) for k in set(got) & set(want)), default=0.0)
+    if isinstance(got, list) and isinstance(want, list):
+        return max((largest_float_difference(a, b) for a, b in zip(got, want)), default=0.0)
+    return 0.0
+
+
 # (label, body bytes, expected status): malformed requests the server must answer with a 4xx
 MALFORMED = [
     ("invalid-json", b'{"prompt": "x", "max_tokens": ', 400),
@@ -288,7 +305,7 @@ def load_test(model: str | Path, workdir: Path, requests_total: int = 300, threa
         "rss_growth_mb": rss_end - rss_start, "rss_series": series,
         "health": health, "alive": alive, "problems": check(records, single), "log": server.log(),
         "distinct_answers": len({json.dumps([a["choices"], a["usage"]]) for a in single}),
-        "distinct_requests": len(single), "server_stats": stats,
+        "distinct_requests": len(single), "server_stats": stats, "expected": single,
     }
 
 
@@ -412,6 +429,11 @@ def print_load(r: dict, max_tokens: int) -> None:
           f"{r['rss_growth_mb'] / r['requests'] * 1024:+.1f} KB/request)")
     print("RSS every 50 requests: " + ", ".join(f"{n}: {mb:.1f}" for n, mb in r["rss_series"]))
     print(f"problems: {problems}; health {r['health']}; server alive: {r['alive']}; batches: {r['server_stats']}")
+    for m in r["problems"]["mismatch"]:
+        got, want = m["body"] or {}, r["expected"][m["key"]]
+        same_text = texts_of(got) == texts_of(want)
+        print(f"  mismatch (status {m['status']}): texts and tokens {'equal' if same_text else 'DIFFER'}, largest "
+              f"log-probability difference {largest_float_difference(got.get('choices'), want['choices']):.2e}")
 
 
 def print_throughput(t: dict) -> None:
@@ -480,7 +502,7 @@ def main(argv=None) -> dict:
                 print_rss(out["rss"])
     if args.json:
         if "load" in out:
-            out["load"] = {k: v for k, v in out["load"].items() if k not in ("log", "problems")} | {
+            out["load"] = {k: v for k, v in out["load"].items() if k not in ("log", "problems", "expected")} | {
                 "problems": {k: (len(v) if isinstance(v, list) else v) for k, v in out["load"]["problems"].items()}}
         print(json.dumps(out))
     return out

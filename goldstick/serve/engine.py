@@ -6,11 +6,12 @@ left-padded batch through ``Generator.generate_ids`` (each prompt with its own s
 that arrive while the model is busy share the next prefill and decode steps. A batch runs until its last prompt
 is done. Every MindSpore call happens on that one thread.
 
-Batching changes no greedy result: a prompt gets the same tokens alone or in any batch (tested). Its logits can
-differ in the last float32 bits (the padding moves where its keys sit in the reductions), so log-probabilities
-agree to about 1e-5 on a float model, as with vLLM's batching; the int8 twin's per-token requantization turns a
-last-bit change into a changed int8 code now and then, so there a few tokens in a hundred move by 1e-3 or more
-(padding alone does the same). ``max_batch=1`` serves one request at a time, reproducibly.
+Batching moves only the last float32 bits of a prompt's logits (the padding moves where its keys sit in the
+reductions, and the products' shapes change): on a float model its log-probabilities agree to about 1e-5 alone and
+in any batch, and its greedy tokens are the same (tested), as with vLLM's batching. The int8 twin's per-token
+requantization turns such a last bit into a changed int8 code now and then, so there a few token log-probabilities
+in a hundred move by 1e-3 or more, and a greedy choice between two near-tied tokens can change (padding alone does
+the same). ``max_batch=1`` serves one request at a time, reproducibly.
 
 The network's primitives run on the host (``host_ops.py``): nothing is kept per request or per shape.
 """
