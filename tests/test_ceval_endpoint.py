@@ -8,6 +8,7 @@ answers and dies mid-job on request. The slow tests run ``goldstick serve`` in a
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -569,3 +570,25 @@ def test_goldstick_serve_killed_mid_job_and_restarted(served, model, tmp_path, c
     e = report["models"]["served"]["endpoint"]
     assert e["answers_from_cache"] == kept and e["answers_fetched"] == total - kept
     assert comparable(report) == comparable(json.loads((reference / "ceval.json").read_text()))
+
+
+REAL_CEVAL = os.environ.get("GOLDSTICK_CEVAL_DIR")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CEVAL, reason="set GOLDSTICK_CEVAL_DIR to a folder with the real C-Eval CSVs")
+def test_real_ceval_through_two_goldstick_servers_equals_in_process(tmp_path, capsys):
+    """benchmarks/ceval_served.py on real val subjects: the float and a quantized model, each behind its own
+    goldstick serve, score per subject and per question as in-process; the quantized server, killed mid-job, gives
+    exit 2 naming it, and after a restart the rerun fetches only what is missing."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ceval_served
+
+    rc = ceval_served.main(["--data", REAL_CEVAL, "--subjects", "computer_network,modern_chinese_history,law",
+                            "--limit", "8", "--recipe", "deepseek-r1-w8a8-dynamic", "--kill-after", "6",
+                            "--work", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for label in ("float", "quantized"):
+        assert f"{label}: subjects with equal accuracy 3/3, answers differing 0/24" in out
+    assert "kill: exit 2, 1 error line" in out
