@@ -592,3 +592,38 @@ def test_real_ceval_through_two_goldstick_servers_equals_in_process(tmp_path, ca
     for label in ("float", "quantized"):
         assert f"{label}: subjects with equal accuracy 3/3, answers differing 0/24" in out
     assert "kill: exit 2, 1 error line" in out
+
+
+@pytest.mark.slow
+def test_generate_scoring_through_goldstick_serve_chat(served, model, tmp_path):
+    """--scoring generate against goldstick serve's /v1/chat/completions: every reply is the greedy continuation of
+    the question rendered with the model's chat template, as computed in the test process."""
+    from goldstick.serve.chat import ChatTemplate
+    from goldstick.serve.generate import Generator, SamplingParams
+    from goldstick.serve.host_ops import host_primitives
+
+    server = served()
+    out = tmp_path / "r"
+    assert main(ceval("--model", model.dir, "--quantized", f"served={server.url}", "--scoring", "generate",
+                      "--max-tokens", "6", "--limit", "2", "--out", out)) == 0
+    report = json.loads((out / "ceval.json").read_text())
+    e = report["models"]["served"]["endpoint"]
+    assert e["api"] == "chat" and e["answers_fetched"] == report["models"]["served"]["n_questions"]
+    assert 0 <= e["unparsed"] <= report["models"]["served"]["n_questions"]
+    cached = [json.loads(x) for x in (out / ep.CACHE_FILE).read_text().splitlines()]
+    assert cached and all(c["kind"] == "generate" for c in cached)
+
+    generator = Generator.from_dir(default_model_path())
+    host_primitives(generator.net)
+    template = ChatTemplate.from_dir(default_model_path())
+    data = cd.load_ceval(FIXTURE, "val", limit=2)
+    by_prompt = {c["prompt_sha256"]: c["answer"]["text"] for c in cached}
+    checked = 0
+    for q in list(data.questions())[:3]:
+        prompt = cd.build_prompt(q)
+        text = template.render([{"role": "user", "content": prompt}])
+        ids = generator.tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
+        (c,), _ = generator.generate_ids([ids], SamplingParams(max_tokens=6, temperature=0))
+        assert by_prompt[ep.sha256_json(prompt)] == c.text
+        checked += 1
+    assert checked == 3
