@@ -21,53 +21,18 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from goldstick.testing.serve_process import ServeProcess
+
 CACHE_FILE = "endpoint-answers.jsonl"  # goldstick.evaluation.endpoint.CACHE_FILE
 
 
 def goldstick(*args) -> list[str]:
     return [sys.executable, "-m", "goldstick.cli", *map(str, args)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model: Path, port: int, log: Path):
-        self.model, self.port, self.url = model, port, f"http://{HOST}:{port}/v1"
-        with open(log, "ab") as handle:
-            self.proc = subprocess.Popen(goldstick("serve", model, "--host", HOST, "--port", port,
-                                                   "--log-level", "warning"),
-                                         stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while True:
-            if self.proc.poll() is not None:
-                sys.exit(f"goldstick serve {model} exited with {self.proc.returncode} (see {log})")
-            try:
-                with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.time() > deadline:
-                sys.exit(f"goldstick serve {model} not healthy after 300 s (see {log})")
-            time.sleep(0.2)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=60)
 
 
 def run(cmd: list[str], what: str) -> float:
@@ -87,7 +52,8 @@ def read_report(out: Path) -> tuple[dict, dict[str, dict]]:
     return report, preds
 
 
-def killed_and_rerun(cmd: list[str], out: Path, server: Server, kill_after: int, log: Path) -> tuple[Server, dict]:
+def killed_and_rerun(cmd: list[str], out: Path, server: ServeProcess, kill_after: int,
+                     log: Path) -> tuple[ServeProcess, dict]:
     """The served job with the quantized server killed once ``kill_after`` of its answers are cached; then the
     server restarted on the same port and the job rerun."""
     cache, stderr = out / CACHE_FILE, out.parent / "served-stderr.txt"
@@ -122,7 +88,7 @@ def killed_and_rerun(cmd: list[str], out: Path, server: Server, kill_after: int,
           f"{len(errors)} error line(s): {errors[0] if errors else '-'}; {kept} answers kept")
     if job.returncode != 2 or len(errors) != 1 or server.url not in errors[0]:
         sys.exit("a dead endpoint must give exit 2 and one error line naming it")
-    restarted = Server(server.model, server.port, log)
+    restarted = ServeProcess(server.model, log, port=server.port)
     dead["rerun_seconds"] = run(cmd, "the rerun after the restart")
     return restarted, dead
 
@@ -164,7 +130,7 @@ def main(argv=None) -> int:
                                   "--out", in_process, *common), "in-process ceval")
 
     log = work / "serve.log"
-    servers = {"float": Server(float_dir, free_port(), log), "quantized": Server(quant_dir, free_port(), log)}
+    servers = {"float": ServeProcess(float_dir, log), "quantized": ServeProcess(quant_dir, log)}
     cmd = goldstick("ceval", "--model", f"float={servers['float'].url}", "--quantized",
                     f"quantized={servers['quantized'].url}", "--tokenizer", float_dir, "--letter-fallback", "echo",
                     "--concurrency", args.concurrency, "--out", served, *common)

@@ -36,7 +36,6 @@ import argparse
 import http.client
 import json
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,26 +44,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from goldstick.testing.serve_process import HOST, ServeProcess
+
 MAX_BODY = 64 * 1024
 WORDS = ["北京", "上海", "weather", "because", "我爱", "river", "春天", "model", "量化", "today", "花", "city"]
 LOGPROB_TOLERANCE = 1e-4  # a batched answer's log-probabilities against the single request's
 
 
 # ------------------------------------------------------------------------------------------------ the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
 def request(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 120) -> tuple[int, dict]:
     """One HTTP request on a new connection; (status, JSON body)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
@@ -77,48 +64,10 @@ def request(port: int, method: str, path: str, body: bytes | None = None, timeou
         conn.close()
 
 
-class Server:
-    """`goldstick serve MODEL` in a subprocess; ``stop()`` always ends it."""
-
-    def __init__(self, model: str | Path, log_path: Path, max_body: int = MAX_BODY, startup: float = 180):
-        self.port = free_port()
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "goldstick.cli", "serve", str(model), "--host", HOST,
-                                          "--port", str(self.port), "--max-body-bytes", str(max_body),
-                                          "--log-level", "warning"],
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.time() + startup
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if request(self.port, "GET", "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"server not healthy after {startup}s:\n{self.log()}")
-            time.sleep(0.2)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def rss_mb(self) -> float:
-        return rss_mb(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
+def start_server(model: str | Path, log_path: Path) -> ServeProcess:
+    return ServeProcess(model, log_path, args=("--max-body-bytes", str(MAX_BODY)))
 
 
-# ------------------------------------------------------------------------------------------------ the requests
 def valid_requests(n: int, max_tokens: int, seed: int, fresh_shapes: bool = False,
                    logprobs: bool = True) -> list[dict]:
     """n distinct completion requests, prompts of varied lengths, in turn: greedy; seeded sampling; with
@@ -267,7 +216,7 @@ def load_test(model: str | Path, workdir: Path, requests_total: int = 300, threa
               max_tokens: int = 6, bad_fraction: float = 0.25, seed: int = 0, fresh_shapes: bool = False,
               logprobs: bool = True) -> dict:
     """The correctness measurement; returns figures, per-50-request RSS, the problems found and the server log."""
-    server = Server(model, workdir / "server.log")
+    server = start_server(model, workdir / "server.log")
     try:
         valid = valid_requests(distinct, max_tokens, seed, fresh_shapes, logprobs)
         rss_loaded = server.rss_mb()
@@ -325,7 +274,7 @@ def throughput(model: str | Path, workdir: Path, concurrency: tuple[int, ...] = 
                max_tokens: int = 6, seed: int = 0, logprobs: bool = True) -> dict:
     """Requests/s at each concurrency level on one server (after a warm-up round at the highest level):
     ``requests_total`` distinct valid requests per level, sent by that many client threads."""
-    server = Server(model, workdir / "server-throughput.log")
+    server = start_server(model, workdir / "server-throughput.log")
     try:
         warmup = valid_requests(max(concurrency) * 4, max_tokens, seed + 1, logprobs=logprobs)
         send_all(server.port, warmup, max(concurrency))
@@ -348,7 +297,7 @@ def rss_test(model: str | Path, workdir: Path, requests_total: int = 1000, warmu
              max_tokens: int = 1, distinct: int = 48, seed: int = 0, logprobs: bool = True) -> dict:
     """The server's RSS over ``requests_total`` valid requests after ``warmup`` of them, on a fresh server;
     sampled every 100 requests."""
-    server = Server(model, workdir / "server-rss.log")
+    server = start_server(model, workdir / "server-rss.log")
     try:
         valid = valid_requests(distinct, max_tokens, seed, logprobs=logprobs)
         rng = random.Random(seed)

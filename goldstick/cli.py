@@ -3,8 +3,8 @@
     goldstick run [--out DIR]                         the main job on the embedded default model:
                                                       quantize with the default recipe, compare with float
     goldstick quantize RECIPE [--model DIR] --out DIR [--dry-run] [--resume] [--calib PATH ...]
-                      [--format mindspore|compressed-tensors]
-    goldstick export SRC --format FORMAT --out DIR    convert a quantized checkpoint to the other format
+                      [--format ascend|vllm-ascend|golden-stick|compressed-tensors|mindspore]
+    goldstick export SRC --format FORMAT --out DIR    convert a quantized checkpoint to another format
     goldstick compare FLOAT_DIR QUANT_DIR             float vs quantized on held-out text
     goldstick ceval --model DIR --quantized DIR --data CEVAL_DIR [--shots 0|5] --out DIR
     goldstick ceval eval/JOB.yaml                     C-Eval regression job (exit 3 when the drop fails the gate)
@@ -26,6 +26,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 from goldstick.errors import EXIT_INPUT_ERROR, GoldstickError, UsageError
+
+# goldstick.io.layouts.FORMATS, spelled out so that parsing the command line imports no numerics
+FORMAT_CHOICES = ("ascend", "vllm-ascend", "golden-stick", "compressed-tensors", "mindspore")
 
 
 def _model_or_default(model: str | None) -> Path:
@@ -68,9 +71,12 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--calib", help="calibration data: .jsonl, datasets folder/file or hub name")
     p.add_argument("--calib-samples", type=int, help="number of calibration sequences")
     p.add_argument("--calib-seq-len", type=int, help="tokens per calibration sequence")
-    p.add_argument("--format", dest="export_format", choices=("mindspore", "compressed-tensors"),
-                   default="mindspore", help="checkpoint format: mindspore (Golden-Stick / vllm-mindspore, default) "
-                                             "or compressed-tensors (vLLM)")
+    p.add_argument("--format", dest="export_format", choices=FORMAT_CHOICES, default=None,
+                   help="checkpoint format: ascend (MindFormers / vllm-mindspore --quantization ascend; the default), "
+                        "vllm-ascend (vllm-ascend, MindIE; the default for recipes with W8A16 linears, which "
+                        "MindFormers cannot serve), golden-stick (MindFormers golden-stick mode), compressed-tensors "
+                        "(vLLM) or mindspore (goldstick's earlier layout); each refuses what its stack cannot "
+                        "apply, naming the layers")
     p.add_argument("--max-shard-size", type=float, default=4096, metavar="MB",
                    help="shard size cap in MiB (default 4096, Golden-Stick's)")
     p.add_argument("--path", choices=("auto", "stream", "layers"), default="auto",
@@ -116,12 +122,11 @@ def run_quantize(args) -> int:
 
 # ---- export ------------------------------------------------------------------------------------------------------
 def add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="convert a quantized checkpoint to the other format",
-                       description="Convert a goldstick checkpoint between the mindspore and compressed-tensors "
-                                   "formats, tensor by tensor, without re-calibrating. Refuses, naming the layers, "
-                                   "what the target format cannot hold.")
-    p.add_argument("src", help="quantized checkpoint folder (either format)")
-    p.add_argument("--format", dest="export_format", required=True, choices=("mindspore", "compressed-tensors"))
+    p = sub.add_parser("export", help="convert a quantized checkpoint to another format",
+                       description="Convert a quantized checkpoint between formats, tensor by tensor, without "
+                                   "re-calibrating. Refuses, naming the layers, what the target format cannot hold.")
+    p.add_argument("src", help="quantized checkpoint folder (any format goldstick reads)")
+    p.add_argument("--format", dest="export_format", required=True, choices=FORMAT_CHOICES)
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--max-shard-size", type=float, default=4096, metavar="MB", help="shard size cap (default 4096)")
     p.set_defaults(func=run_export)

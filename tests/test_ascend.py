@@ -35,6 +35,7 @@ from mindspore.ops.auto_generate.gen_ops_prim import dtype_to_type_id
 
 import goldstick
 from goldstick.io.checkpoint import CheckpointReader
+from goldstick.io.layouts import ASCEND_DESCRIPTION_FILE, DESCRIPTION_FILE, DESCRIPTION_METADATA
 from goldstick.model.network import Linear, MoE
 from goldstick.model.runtime import setup_mindspore
 from goldstick.quant import ascend, schemes
@@ -71,12 +72,15 @@ def checkpoints(tmp_path_factory):
 
     made = {}
 
-    def get(recipe: str):
-        if recipe not in made:
+    def get(recipe: str, fmt: str | None = "mindspore"):
+        """The embedded model quantized with ``recipe`` into ``fmt`` (the layout whose dtypes DENSE_DTYPES lists;
+        None: quantize's default target)."""
+        if (recipe, fmt) not in made:
             out = tmp_path_factory.mktemp(recipe) / "ckpt"
-            quantize(default_model_path(), recipe, out=out, calib_samples=8, calib_seq_len=64, progress=False)
-            made[recipe] = out
-        return made[recipe]
+            quantize(default_model_path(), recipe, out=out, calib_samples=8, calib_seq_len=64, progress=False,
+                     export_format=fmt)
+            made[recipe, fmt] = out
+        return made[recipe, fmt]
 
     setup_mindspore()
     return get
@@ -85,7 +89,8 @@ def checkpoints(tmp_path_factory):
 def stored(path) -> tuple[dict[str, np.ndarray], dict[str, str], CheckpointReader]:
     """Every main-network tensor as stored, and its description label."""
     reader = CheckpointReader(path)
-    labels = json.loads((path / "quantization_description.json").read_text())
+    description = next(path / f for f in (DESCRIPTION_FILE, ASCEND_DESCRIPTION_FILE) if (path / f).is_file())
+    labels = {k: v for k, v in json.loads(description.read_text()).items() if k not in DESCRIPTION_METADATA}
     layers = reader.config.num_hidden_layers
     tensors = {}
     for name in reader.names():
@@ -155,7 +160,9 @@ def emulate_quant_v2(prim):
     def quant_v2(x, scale, offset, sqrt_mode=False, rounding_mode="ROUND", dst_type=ms.int8):
         assert (sqrt_mode, rounding_mode, dst_type) == (False, "ROUND", ms.int8)
         assert x.dtype in (ms.bfloat16, ms.float16) and scale.dtype == x.dtype
-        assert scale.shape == offset.shape == (x.shape[-1],)
+        # per channel, or one value for the tensor (the ascend layout; aclnnAscendQuantV2 takes scale / offset of
+        # shape [1] or [x's last dimension])
+        assert scale.shape == offset.shape and scale.shape in ((1,), (x.shape[-1],))
         o = _np(offset)
         if o.dtype == np.int8:  # internal kernel (int8 zero point): scale divides
             y = _f32(x) / _f32(scale) + o.astype(np.float32)
@@ -457,12 +464,14 @@ def twin_at_ascend_dtypes(twin) -> None:
             cell.reset_cache()
 
 
+@pytest.mark.parametrize("fmt", ["mindspore", None])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_emulated_ascend_network_matches_the_cpu_twin(checkpoints, recipe):
+def test_emulated_ascend_network_matches_the_cpu_twin(checkpoints, recipe, fmt):
     """Logits of the Ascend network (ops emulated, experts grouped) against the CPU twin's. Against the twin made to
     round where Ascend does (bf16 activations at each quantized linear, bf16 grouped deq_scale) they agree to a few
-    bf16 ulps; against the plain fp32 twin they differ by what bf16 activations cost (about 2-3% here)."""
-    path = checkpoints(recipe)
+    bf16 ulps; against the plain fp32 twin they differ by what bf16 activations cost (about 2-3% here). In the
+    mindspore layout and in quantize's default target (ascend; vllm-ascend for W8A16)."""
+    path = checkpoints(recipe, fmt)
     twin = goldstick.load_model(path)
     net = goldstick.load_model(path, backend="ascend", group_experts=False)
     ascend.group_routed_experts(net)

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -30,16 +26,11 @@ from goldstick.evaluation import endpoint as ep
 from goldstick.evaluation.ceval_jobs import JobError, load_job
 from goldstick.quant.numerics import log_softmax
 from goldstick.testing.make_model import default_model_path
+from goldstick.testing.serve_process import ServeProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "ceval"
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 # ---- a stub OpenAI server computing logprobs from the real network -------------------------------------------------
@@ -473,42 +464,12 @@ def test_job_file_with_endpoints(stubs, model, tmp_path):
 
 
 # ---- goldstick serve ----------------------------------------------------------------------------------------------
-class Served:
-    """``goldstick serve`` on the embedded model, in a subprocess on a loopback port."""
-
-    def __init__(self, port: int, log: Path):
-        self.port, self.log = port, log
-        self.url = f"http://{HOST}:{port}/v1"
-        with open(log, "ab") as handle:
-            self.proc = subprocess.Popen([sys.executable, "-m", "goldstick.cli", "serve", str(default_model_path()),
-                                          "--host", HOST, "--port", str(port), "--log-level", "warning"],
-                                         stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"goldstick serve exited with {self.proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"goldstick serve not healthy:\n{log.read_text()}")
-            time.sleep(0.1)
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-
 @pytest.fixture
 def served(tmp_path):
     started = []
 
-    def start(port: int | None = None) -> Served:
-        s = Served(port or free_port(), tmp_path / "serve.log")
+    def start(port: int | None = None) -> ServeProcess:
+        s = ServeProcess(default_model_path(), tmp_path / "serve.log", port=port)
         started.append(s)
         return s
 

@@ -130,7 +130,7 @@ def test_export_reproduces_the_engine_exactly(runs, fmt):
     # both formats hold the same model: the same engine logits
     assert np.array_equal(runs["ms"].final_logits, runs["ct"].final_logits)
     config = json.loads((result.out / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == ("compressed-tensors" if fmt == "ct" else "golden-stick")
+    assert config["quantization_config"]["quant_method"] == ("compressed-tensors" if fmt == "ct" else "ascend")
 
 
 @pytest.mark.slow
@@ -157,6 +157,6 @@ def test_smoothing_is_folded_into_the_norms_and_helps(runs):
         name = f"model.layers.{i}.post_attention_layernorm.weight"
         assert np.array_equal(out.read(name), bf16_round(source.read(name)))
     # the description labels the smoothed linears as plain dynamic W8A8 (nothing extra is stored on them)
-    labels = json.loads((runs["ms"].out / "quantization_description.json").read_text())
+    labels = json.loads((runs["ms"].out / "quant_model_description.json").read_text())  # the default: ascend
     assert labels["model.layers.1.self_attn.q_a_proj.weight"] == "W8A8_DYNAMIC"
     assert "model.layers.1.self_attn.q_a_proj.input_scale" not in labels

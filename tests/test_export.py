@@ -40,6 +40,7 @@ from goldstick.io.export import (
     unpack_int8,
 )
 from goldstick.io.files import sha256_file
+from goldstick.model.architecture import layer_of
 from goldstick.quant import schemes
 from goldstick.quant.recipe import Recipe, Rule, Scheme, load_recipe
 from goldstick.testing.make_model import default_model_path
@@ -304,7 +305,7 @@ def test_plan_check_before_calibrating(recipe, tmp_path):
 
 
 def _assert_refusal(message: str, keys) -> None:
-    from goldstick.io.export import REFUSALS
+    from goldstick.io.export import CT_REFUSALS as REFUSALS
 
     assert "cannot be written as compressed-tensors" in message
     for key, text in REFUSALS.items():
@@ -559,3 +560,223 @@ def test_summarize_names_and_targets():
                                         r"re:^model\.layers\.\d+\.mlp\.up_proj$"],
                        "w8a8-static": [r"re:^model\.layers\.0\.self_attn\.o_proj$"]}
     assert ct_targets({"a.b": "w8a16", "lm_head": "float"}) == {"w8a16": ["Linear"]}
+
+
+# ------------------------------------------------------------------------------------------------ 6. Ascend targets
+# The ascend layout per linear, as msModelSlim 26.1.0 writes it (core/quant_service/modelslim_v1/save/ascendv1.py
+# :287-304 static, :341-346 dynamic, :312-318 weight-only) and MindFormers 2.1.0's ascend mode creates its
+# parameters (parallel_core/inference/quantization/golden_stick/a8w8.py:59-90): name -> (dtype, shape of [out, in]).
+ASCEND_CONTRACT = {
+    "W8A8": {"weight": (np.int8, lambda o, i: (o, i)),
+             "deq_scale": (np.float32, lambda o, i: (o,)),       # f32 for bf16 models (utils/deqscale.py)
+             "quant_bias": (np.int32, lambda o, i: (o,)),        # -zp * sum(Wq) + every shift's compensation
+             "input_scale": (np.float32, lambda o, i: (1,)),     # the true per-tensor scale; MF inverts it (:116)
+             "input_offset": (np.float32, lambda o, i: (1,)),    # the zero point
+             "beta": (BF16, lambda o, i: (i,))},                 # o_proj's shift only (a8w8.py:88-89, :127-129)
+    "W8A8_DYNAMIC": {"weight": (np.int8, lambda o, i: (o, i)), "weight_scale": (np.float32, lambda o, i: (o, 1)),
+                     "weight_offset": (np.float32, lambda o, i: (o, 1))},
+    "W8A16": {"weight": (np.int8, lambda o, i: (o, i)), "weight_scale": (np.float32, lambda o, i: (o, 1)),
+              "weight_offset": (np.float32, lambda o, i: (o, 1))},
+}
+MIXED = "deepseek-r1-w8a8-mixed"
+
+
+def engine_logits_match(folder: Path, result_logits: np.ndarray, samples: int, seq_len: int) -> float:
+    from mindspore import Tensor
+
+    from goldstick.engine.calibration import load_calibration
+    from goldstick.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_path())
+    batch = load_calibration("calibration/mixed-zh-en.jsonl", tok.tokenizer, samples=samples, seq_len=seq_len,
+                             bos_id=tok.bos_id).batches[0]
+    got = goldstick.load_model(folder)(Tensor(batch)).asnumpy()
+    return float(np.abs(got - result_logits).max())
+
+
+@pytest.mark.slow
+def test_ascend_target_contract_and_exact_twin(tmp_path):
+    """The default recipe in the ascend layout: msModelSlim's tensors, per-tensor scales, o_proj's smoothing in
+    kv_b_proj's V rows, shifts where MindFormers' ascend mode applies them; loaded back, exactly the engine."""
+    result = quantize(default_model_path(), _recipe(MIXED), out=tmp_path / "a", export_format="ascend",
+                      calib_samples=4, calib_seq_len=32, progress=False)
+    folder = result.out
+    assert engine_logits_match(folder, result.final_logits, 4, 32) == 0.0
+    assert_complete_folder(folder)
+    assert goldstick.verify(folder).ok
+    labels = json.loads((folder / "quant_model_description.json").read_text())
+    assert not (folder / "quantization_description.json").exists()
+    reader = CheckpointReader(folder)
+    assert set(labels) == set(reader.names())
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "ascend" and qc["format"] == "ascend"
+    owners: dict[str, dict] = {}
+    for name in reader.names():
+        owner, _, local = name.rpartition(".")
+        if labels[name] == "FLOAT":
+            if local == "bias":  # shifts only where MindFormers' convert_name takes them
+                assert owner.endswith(("input_layernorm", "self_attn.q_a_layernorm")), name
+            continue
+        owners.setdefault(owner, {})[local] = reader.read_raw(name)
+    statics = 0
+    for owner, t in owners.items():
+        label = labels[f"{owner}.weight"]
+        contract = ASCEND_CONTRACT[label]
+        assert set(contract) - {"beta"} <= set(t) <= set(contract), (owner, sorted(t))
+        out_f, in_f = t["weight"].shape
+        for local, array in t.items():
+            dtype, shape = contract[local]
+            assert array.dtype == np.dtype(dtype) and array.shape == shape(out_f, in_f), (owner, local)
+        if label == "W8A8":
+            statics += 1
+            assert ("beta" in t) == owner.endswith("self_attn.o_proj"), owner
+            # MindFormers holds input_scale / offset / beta in bf16: stored bf16-exact, nothing rounds at load
+            for local in ("input_scale", "input_offset"):
+                assert np.array_equal(t[local].astype(BF16).astype(np.float32), t[local]), (owner, local)
+    assert statics == 4 * 4  # q_a, kv_a, q_b, o_proj of 4 layers
+    # o_proj's smoothing went into the V rows of the float kv_b_proj: those rows differ from the source's
+    from goldstick.model.architecture import value_rows
+
+    source = CheckpointReader(default_model_path())
+    kvb = "model.layers.0.self_attn.kv_b_proj.weight"
+    stored, original = reader.read(kvb), source.read(kvb).astype(BF16).astype(np.float32)
+    rows = value_rows(reader.config)
+    others = np.setdiff1d(np.arange(stored.shape[0]), rows)
+    assert np.array_equal(stored[others], original[others]) and not np.array_equal(stored[rows], original[rows])
+
+
+def test_per_tensor_cell_is_the_ascend_arithmetic():
+    """PerTensorStaticW8A8Linear = MindFormers' ascend-mode A8W8 path, written out here independently: input_scale
+    held in bf16 and inverted in bf16 (a8w8.py:116-118), x + beta (:127-129), aclnnAscendQuant round(x * scale +
+    offset), QuantBatchMatmul (x_q @ W.T + quant_bias) * deq_scale."""
+    from mindspore import Tensor
+
+    from goldstick.model.runtime import setup_mindspore
+
+    setup_mindspore()
+    from goldstick.quant.cells import cell_from_tensors
+
+    rng = np.random.default_rng(3)
+    w = rng.integers(-127, 128, (24, 40)).astype(np.int8)
+    scale = np.array([0.0371], np.float32)  # not bf16-exact: the runtime rounds it first
+    t = {"weight": w, "deq_scale": (rng.random(24) * 1e-3 + 1e-4).astype(np.float32),
+         "quant_bias": rng.integers(-5000, 5000, 24).astype(np.int32), "input_scale": scale,
+         "input_offset": np.array([-7.0], np.float32), "beta": rng.normal(size=40).astype(np.float32).astype(BF16)}
+    x = (rng.normal(size=(50, 40)) * 3).astype(np.float32)
+    multiplier = np.float32(np.float32(1) / np.float32(scale.astype(BF16)[0])).astype(BF16).astype(np.float32)
+    codes = np.clip(np.rint((x + t["beta"].astype(np.float32)) * multiplier + np.float32(-7.0)), -128, 127)
+    acc = codes.astype(np.int64) @ w.T.astype(np.int64) + t["quant_bias"].astype(np.int64)
+    want = acc.astype(np.float32) * t["deq_scale"]
+    got = cell_from_tensors("W8A8", t, "x").construct(Tensor(x)).asnumpy()
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_vllm_ascend_and_golden_stick_refuse_shifts_they_drop(tmp_path, capsys):
+    """vllm-ascend / MindIE have no form for o_proj's shift; MindFormers' golden-stick mode drops every shift;
+    MindFormers has no W8A16: each refuses before calibrating, naming the layers, leaving nothing behind."""
+    cfg = CheckpointReader(default_model_path()).config
+    cases = {("vllm-ascend", MIXED): ["an OS+ shift on o_proj's input", "model.layers.{0-3}.self_attn.o_proj (4)"],
+             ("golden-stick", MIXED): ["norm bias that the stack does not apply",
+                                       "model.layers.{0-3}.input_layernorm.bias (4)",
+                                       "model.layers.{0-3}.self_attn.q_a_layernorm.bias (4)",
+                                       "model.layers.{0-3}.self_attn.o_proj (4)"],
+             ("ascend", "deepseek-r1-w8a16"): ["MindFormers has no W8A16 method"],
+             ("ascend", "deepseek-r1-w8a8-static-naive"): ["static int8 activations on routed MoE experts",
+                                                           "model.layers.{1-3}.mlp.experts.{0-15}"],
+             ("ascend", "deepseek-r1-w8a8-smoothquant"): ["no float kv_b_proj", "model.layers.0.mlp.down_proj"]}
+    for (fmt, recipe), fragments in cases.items():
+        with pytest.raises(ExportError) as err:
+            check_plan(cfg, _recipe(recipe).plan(cfg), fmt)
+        assert f"cannot be written as {fmt}" in str(err.value)
+        for fragment in fragments:
+            assert fragment in str(err.value), (fmt, recipe, fragment, str(err.value))
+    for fmt in ("ascend", "vllm-ascend"):  # what each does hold
+        check_plan(cfg, _recipe("deepseek-r1-w8a8-dynamic").plan(cfg), fmt)
+    check_plan(cfg, _recipe(MIXED).plan(cfg), "ascend")
+    check_plan(cfg, _recipe("deepseek-r1-w8a16").plan(cfg), "vllm-ascend")
+    check_plan(cfg, _recipe(ATTN_STATIC).plan(cfg), "golden-stick")
+    assert cli(["quantize", MIXED, "--format", "vllm-ascend", "--out", str(tmp_path / "q"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("goldstick: error:") and "o_proj" in err and not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_golden_stick_target_rope_rows_and_conventions(built, tmp_path):
+    """golden-stick: GS's per-channel tensors with the RoPE rows as infer_trans_rope_weight leaves them
+    (MindFormers weights_utils.py:73-78: each RoPE block even rows then odd rows), read back exactly; between
+    the per-tensor and per-channel conventions `export` refuses rather than approximate."""
+    ms_dir = built(ATTN_STATIC)
+    gs_dir = export_checkpoint(ms_dir, tmp_path / "gs", "golden-stick")
+    assert goldstick.verify(gs_dir).ok
+    cfg = CheckpointReader(ms_dir).config
+    ms, gs = tensors_of(ms_dir), tensors_of(gs_dir)
+    assert sorted(ms) == sorted(gs)
+    r = cfg.qk_rope_head_dim
+
+    def trans(rows: np.ndarray, heads: int) -> np.ndarray:  # weights_utils.infer_trans_rope_weight, per head
+        block = rows.reshape(heads, -1, *rows.shape[1:]).copy()
+        w1, w2 = block[:, -r::2], block[:, -r + 1::2]
+        block[:, -r:] = np.concatenate([w1, w2], axis=1)
+        return block.reshape(rows.shape)
+
+    for name in ms:
+        local = name.rsplit(".", 2)[-2]
+        # globals; MTP in HF order (MindFormers converts it: its MTP model has no quantization config)
+        if layer_of(name) is None or layer_of(name) >= cfg.num_hidden_layers:
+            assert gs[name].tobytes() == ms[name].tobytes(), name
+        elif local == "q_b_proj" and ms[name].ndim >= 1 and not name.endswith(("input_scale", "input_offset")):
+            assert np.array_equal(gs[name], trans(ms[name], cfg.num_attention_heads)), name
+        elif local == "kv_a_proj_with_mqa" and not name.endswith(("input_scale", "input_offset")):
+            assert np.array_equal(gs[name], trans(ms[name], 1)), name
+        else:
+            assert gs[name].tobytes() == ms[name].tobytes(), name
+    assert np.array_equal(logits(gs_dir), logits(ms_dir))
+    with pytest.raises(ExportError, match="another QuantV2 convention"):
+        export_checkpoint(ms_dir, tmp_path / "a", "ascend")
+    assert not (tmp_path / "a").exists()
+    dyn = built("deepseek-r1-w8a8-dynamic")  # no static activations: every target holds it, the same numbers
+    for fmt in ("ascend", "vllm-ascend", "golden-stick"):
+        out = export_checkpoint(dyn, tmp_path / fmt, fmt)
+        assert goldstick.verify(out).ok
+        assert np.array_equal(logits(out), logits(dyn)), fmt
+    with pytest.raises(ExportError, match="o_proj"):
+        export_checkpoint(built(MIXED, "ascend"), tmp_path / "va", "vllm-ascend")
+    with pytest.raises(ExportError, match="another QuantV2 convention"):
+        export_checkpoint(built(MIXED, "ascend"), tmp_path / "ms", "mindspore")
+
+
+@pytest.mark.slow
+def test_reads_msmodelslim_layout(built, tmp_path):
+    """A checkpoint as msModelSlim 26.1.0 saves it (save/ascendv1.py: quant_model_weights-0000N-of-0000M.safetensors
+    and their index, quant_model_description.json with version / model_quant_type, no quantization_config in
+    config.json, a static linear's float bias both folded into quant_bias and written as `.bias`) loads with the
+    same cells and logits as goldstick's own ascend output."""
+    from safetensors.numpy import load_file, save_file
+
+    src = built(MIXED, "ascend")
+    out = tmp_path / "msmodelslim"
+    out.mkdir()
+    labels = json.loads((src / "quant_model_description.json").read_text())
+    weight_map, tensors = {}, {}
+    for shard in sorted(src.glob("model-*.safetensors")):
+        tensors.update(load_file(shard))
+    names = sorted(tensors)
+    half = len(names) // 2
+    for k, part in enumerate((names[:half], names[half:]), start=1):
+        file = f"quant_model_weights-{k:05d}-of-00002.safetensors"
+        chunk = {n: tensors[n] for n in part}
+        for n in part:  # a float bias msModelSlim keeps beside quant_bias (runtimes have no parameter for it)
+            if n.endswith("q_b_proj.weight") and labels[n] == "W8A8":
+                chunk[n[: -len("weight")] + "bias"] = np.ones(tensors[n].shape[0], np.float32)
+        save_file(chunk, str(out / file))
+        weight_map.update({n: file for n in chunk})
+    (out / "quant_model_weights.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    described = {n: ("FLOAT" if n.endswith(".bias") and n not in labels else labels[n]) for n in weight_map}
+    described.update({"version": "1.0.0", "model_quant_type": "W8A8"})
+    (out / "quant_model_description.json").write_text(json.dumps(described))
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config")
+    (out / "config.json").write_text(json.dumps(config))
+    assert goldstick.io.export.detect_format(out) == "ascend"
+    assert np.array_equal(logits(out), logits(src))

@@ -79,7 +79,7 @@ def test_python_api_quantizes_and_the_export_reproduces_the_engine(tiny, tmp_pat
     recipe = load_recipe("deepseek-r1-w8a8-mixed")
     result = quantize(tiny, recipe, out=tmp_path / "q", **FAST)
     out = result.out
-    for name in ("config.json", "model.safetensors.index.json", "quantization_description.json", "recipe.yaml",
+    for name in ("config.json", "model.safetensors.index.json", "quant_model_description.json", "recipe.yaml",
                  "report.json", "report.md", "manifest.json", "tokenizer.json"):
         assert (out / name).exists(), name
     assert load_recipe(out / "recipe.yaml") == recipe.with_calibration(  # with the calibration the run used
@@ -108,7 +108,7 @@ def test_python_api_quantizes_and_the_export_reproduces_the_engine(tiny, tmp_pat
     reader = CheckpointReader(out)
     assert reader.mtp_tensor_names()
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "golden-stick"
+    assert config["quantization_config"]["quant_method"] == "ascend"  # the default format: MindFormers' ascend mode
 
 
 def test_output_folder_must_be_new(tiny, tmp_path):

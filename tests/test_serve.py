@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -29,17 +26,11 @@ from goldstick.serve.engine import Engine  # noqa: E402
 from goldstick.serve.generate import Generator, SamplingParams  # noqa: E402
 from goldstick.serve.host_ops import host_primitives  # noqa: E402
 from goldstick.testing.make_model import default_model_path  # noqa: E402
+from goldstick.testing.serve_process import HOST, ServeProcess  # noqa: E402
 
-HOST = "127.0.0.1"
 PROMPTS = ["I love Beijing, because", "我爱北京", "The weather today is", "北京是"]
 MAX_BODY = 64 * 1024  # small, so the oversize test sends little
 STARTUP_SECONDS = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -65,33 +56,8 @@ class Server:
 @contextmanager
 def start_server(model: str, log_path):
     """A started and healthy server, stopped on leaving the context."""
-    port = free_port()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "goldstick.cli", "serve", model, "--host", HOST, "--port",
-                                 str(port), "--max-body-bytes", str(MAX_BODY), "--log-level", "warning"],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    srv = Server(model, port, proc, log_path)
-    try:
-        deadline = time.time() + STARTUP_SECONDS
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{srv.log()}")
-            try:
-                if srv.request("/health", timeout=2)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_SECONDS}s:\n{srv.log()}")
-            time.sleep(0.2)
-        yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with ServeProcess(model, log_path, args=("--max-body-bytes", str(MAX_BODY)), startup=STARTUP_SECONDS) as proc:
+        yield Server(model, proc.port, proc.proc, log_path)
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,11 @@ def good(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     model = default_model_path()
     built = {"static": goldstick.quantize(model, "deepseek-r1-w8a8-static-naive", out=root / "static", **FAST).out,
-             "w8a16": goldstick.quantize(model, "deepseek-r1-w8a16", out=root / "w8a16", progress=False).out,
+             # the mindspore layout, whose dtypes the damage tests below name
+             "w8a16": goldstick.quantize(model, "deepseek-r1-w8a16", out=root / "w8a16", progress=False,
+                                         export_format="mindspore").out,
              "dynamic": goldstick.quantize(model, "deepseek-r1-w8a8-dynamic", out=root / "dynamic",
-                                           progress=False).out}
+                                           progress=False, export_format="mindspore").out}
     built["ct-w8a16"] = export_checkpoint(built["w8a16"], root / "ct-w8a16", "compressed-tensors")
     built["ct-dynamic"] = export_checkpoint(built["dynamic"], root / "ct-dynamic", "compressed-tensors")
     return built
@@ -237,7 +239,8 @@ def test_mixed_recipe_checkpoint_passes(tmp_path):
     """OS+ leaves norm biases and ``beta`` tensors; they are described and checked too."""
     recipe = load_recipe("deepseek-r1-w8a8-mixed")
     recipe = dataclasses.replace(recipe, options=dataclasses.replace(recipe.options, osplus_grid=2, token_sample=16))
-    out = goldstick.quantize(default_model_path(), recipe, out=tmp_path / "mixed", **FAST).out
+    out = goldstick.quantize(default_model_path(), recipe, out=tmp_path / "mixed", export_format="mindspore",
+                             **FAST).out
     report = verify(out)
     assert report.ok, report.problems
     labels = json.loads((out / DESCRIPTION).read_text())
@@ -245,3 +248,22 @@ def test_mixed_recipe_checkpoint_passes(tmp_path):
     beta = next(n for n in labels if n.endswith(".beta"))
     rewrite(out, beta, lambda t: t.__setitem__(beta, t[beta][:-2].copy()))
     assert_fails(out, beta, "its description implies BF16")
+
+
+@pytest.mark.parametrize("recipe, fmt", [("deepseek-r1-w8a8-mixed", "ascend"), ("deepseek-r1-w8a8-dynamic", "ascend"),
+                                         ("deepseek-r1-w8a16", "vllm-ascend")])
+def test_quantize_default_targets_pass(tmp_path, recipe, fmt):
+    """What quantize writes without --format (an ascend target) verifies, and a damaged scale is named."""
+    loaded = load_recipe(recipe)
+    if loaded.options.osplus_grid:
+        loaded = dataclasses.replace(loaded, options=dataclasses.replace(loaded.options, osplus_grid=2,
+                                                                         token_sample=16))
+    out = goldstick.quantize(default_model_path(), loaded, out=tmp_path / "q",
+                             **(FAST if recipe.endswith("mixed") else {"progress": False})).out
+    report = verify(out)
+    assert report.ok, report.problems
+    assert report.format == fmt
+    name = "model.layers.0.mlp.down_proj.weight_scale"
+    rewrite(out, name, lambda t: t.__setitem__(name, t[name][:-1].copy()))
+    report = verify(out, hashes=False)
+    assert not report.ok and any(name in p for p in report.problems)

@@ -42,6 +42,7 @@ class Executor:
 
     name = "executor"
     workers = 1
+    min_params = 0  # callers may keep work smaller than this (in parameters) in their own process
 
     def imap_unordered(self, fn: Callable, units: Iterable, max_in_flight: int | None = None) -> Iterator:
         raise NotImplementedError
@@ -167,6 +168,16 @@ class RayExecutor(Executor):
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = max(1, int(workers or cpus))
         self._call = ray.remote(num_cpus=1, max_retries=0)(_call)
+        self._actors: dict[type, list] = {}
+
+    def actors(self, cls: type) -> list:
+        """``workers`` Ray actors of ``cls`` (e.g. goldstick.engine.statistics.StatisticsActor), made on first use
+        and kept until close(). They reserve no CPU: they work in phases when no task runs (the layer path's
+        statistics pass), and Ray tasks would otherwise wait for the CPUs they hold."""
+        if cls not in self._actors:
+            remote = self._ray.remote(num_cpus=0)(cls)
+            self._actors[cls] = [remote.remote() for _ in range(self.workers)]
+        return self._actors[cls]
 
     def imap_unordered(self, fn, units, max_in_flight=None):
         ray = self._ray
@@ -190,6 +201,10 @@ class RayExecutor(Executor):
                 ray.cancel(ref)
 
     def close(self) -> None:
+        for actors in self._actors.values():
+            for actor in actors:
+                self._ray.kill(actor)
+        self._actors.clear()
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
             self._started = False

@@ -20,7 +20,23 @@ import numpy as np
 
 from goldstick.engine.feedback import Feedback
 from goldstick.engine.result import QuantizeError
-from goldstick.model.architecture import NORMED_INPUT_PROJECTIONS, ROUTER, expert_of, smoothing_groups
+from goldstick.engine.statistics import (
+    RayStatistics,
+    RunningStats,
+    StatisticsActor,
+    attention_statistics,
+    only_projections,
+    projection_statistics,
+)
+from goldstick.engine.weight_units import quantize_weight_unit, quantize_weights  # noqa: F401 (the unit, here too)
+from goldstick.model.architecture import (
+    ROUTER,
+    VALUE_CONSUMER,
+    VALUE_PRODUCER,
+    expert_of,
+    smoothing_groups,
+    value_rows,
+)
 from goldstick.model.runtime import release_memory
 from goldstick.quant import algorithms as alg
 from goldstick.quant.numerics import bf16_ceil, bf16_round, quantize_weight, sqnr_from_sums, sum_squares
@@ -31,33 +47,6 @@ from goldstick.quant.schemes import FLOAT, W8A8_DYNAMIC, W8A16, mindspore_dtypes
 BF16 = ml_dtypes.bfloat16
 STORAGE_DTYPES = mindspore_dtypes()  # local tensor name -> numpy dtype of a quantized linear's tensors
 MLP_GROUP_ELEMENTS = 1 << 22
-
-
-def quantize_weight_unit(unit: tuple[np.ndarray, str]) -> tuple[np.ndarray, np.ndarray]:
-    """``quantize_weight(w, mode)`` as an executor work unit (a module-level function: picklable)."""
-    return quantize_weight(*unit)
-
-
-@dataclass
-class RunningStats:
-    """Per-channel running min/max of one linear's input, and how many tokens were seen."""
-
-    minimum: np.ndarray | None = None
-    maximum: np.ndarray | None = None
-    tokens: int = 0
-
-    def update(self, x: np.ndarray) -> None:
-        lo, hi = x.min(axis=0), x.max(axis=0)
-        if self.minimum is None:
-            self.minimum, self.maximum = lo.astype(np.float32), hi.astype(np.float32)
-        else:
-            np.minimum(self.minimum, lo, out=self.minimum)
-            np.maximum(self.maximum, hi, out=self.maximum)
-        self.tokens += x.shape[0]
-
-    @property
-    def absmax(self) -> np.ndarray:
-        return np.maximum(np.abs(self.minimum), np.abs(self.maximum))
 
 
 @dataclass
@@ -75,17 +64,21 @@ class LayerQuantizer:
 
     def __init__(self, cfg, layer_index: int, tensors: dict[str, np.ndarray], plan: Plan, recipe: Recipe,
                  batches: list, hidden: list[np.ndarray], executor=None, lean: bool = False,
-                 feedback: Feedback | None = None):
+                 feedback: Feedback | None = None, per_tensor_static: bool = False):
         """``lean`` (the engine's layer loop): allow the attention-only float pass (below), and let ``measure``
         replace the items of ``hidden`` with the layer's outputs as they arrive (the caller's list: the next
         layer's inputs, without a second copy). goldstick.evaluation.analyze needs the float layer on every token:
-        not lean. ``feedback``: where the phases report their progress (default: silent)."""
+        not lean. ``feedback``: where the phases report their progress (default: silent).
+        ``per_tensor_static``: static linears in the ascend layout (``PerTensorStaticW8A8Linear``: one true scale,
+        applied as its bf16 reciprocal), o_proj's smoothing folded into kv_b_proj's V rows; else the per-channel
+        divisor layout (``StaticW8A8Linear``)."""
         from mindspore import Tensor
 
         from goldstick.model.network import DecoderLayer, Linear, MoE, RMSNorm, StreamedLinear, parameter_placeholders
         from goldstick.quant.cells import replace_cell
 
         self.cfg, self.index, self.plan, self.recipe = cfg, layer_index, plan, recipe
+        self.per_tensor_static = per_tensor_static
         self.feedback = feedback or Feedback()
         self.executor = executor  # a goldstick.engine.executors.Executor for the weight-only/dynamic linears, or None
         self.prefix = f"model.layers.{layer_index}."
@@ -103,16 +96,18 @@ class LayerQuantizer:
         with parameter_placeholders():  # every parameter is set from ``tensors`` below
             self.layer = DecoderLayer(cfg, layer_index)
         self.layer.update_parameters_name(self.prefix)
-        # ``tensors`` (LayerTensors) reads each tensor when asked for. With ``attention_only`` the routed experts
-        # run in float only on the token sample, once each: they read their weight at the call (StreamedLinear),
-        # so the experts are never all held in float32 at once
+        # ``tensors`` (LayerTensors) reads each tensor when asked for. With ``attention_only`` the routed experts (or
+        # a dense layer's MLP) run in float only on the token sample, once each: they read their weight at the call
+        # (StreamedLinear), so they are never held in float32 (R1's dense MLP: 1.6 GB, its experts: 45 GB)
         self.source = tensors
         self.streamed = set()
-        if self.attention_only and isinstance(self.layer.mlp, MoE):
-            for local, cell in list(self.layer.mlp.experts.cells_and_names()):
+        if self.attention_only:
+            where = "mlp.experts." if isinstance(self.layer.mlp, MoE) else "mlp."
+            for local, cell in list((self.layer.mlp.experts if where == "mlp.experts." else self.layer.mlp)
+                                    .cells_and_names()):
                 if isinstance(cell, Linear):
-                    name = f"{self.prefix}mlp.experts.{local}"
-                    replace_cell(self.layer, f"mlp.experts.{local}", StreamedLinear(
+                    name = f"{self.prefix}{where}{local}"
+                    replace_cell(self.layer, f"{where}{local}", StreamedLinear(
                         cell.in_features, cell.out_features, lambda name=name: self.weight(f"{name}.weight")),
                         full_name=name)
                     self.streamed.add(name)
@@ -216,21 +211,21 @@ class LayerQuantizer:
             lambda cell, inputs: stats.update(inputs[0].asnumpy().reshape(-1, cell.in_features)))
 
     def _observe_attention(self) -> list[np.ndarray]:
-        """The attention's statistics over every calibration token, then the float layer on the token sample."""
+        """The attention's statistics over every calibration token (goldstick.engine.statistics: split across the
+        executor's actors when it has them, same values), then the float layer on the token sample."""
         self.feedback.phase("statistics pass", token_count(self.batches), "tok", kind="statistics")
-        if self.needs_stats <= {self.prefix + "self_attn." + n for n in (*NORMED_INPUT_PROJECTIONS, "q_b_proj")}:
+        if hasattr(self.executor, "actors") and self.executor.workers > 1 and len(self.batches) > 1:
+            split = RayStatistics(self.executor.actors(StatisticsActor))
+            self.stats.update(split.observe(self.cfg, self.index, self.float_tensors, self.needs_stats, self.hidden,
+                                            self.batches))
+            self.feedback.advance(token_count(self.batches), "tok")
+        elif only_projections(self.prefix, self.needs_stats):
             for h in self.hidden:
                 self._observe_projection_inputs(h)
                 self.feedback.advance(h.shape[0] * h.shape[1], "tok")
         else:
-            handles = [self._stats_hook(name) for name in sorted(self.needs_stats)]
-            try:
-                for (ids, cos, sin, mask), h in zip(self.batches, self.hidden):
-                    self.layer.self_attn(self.layer.input_layernorm(float_tensor(h)), cos, sin, mask)
-                    self.feedback.advance(ids.size, "tok")
-            finally:
-                for handle in handles:
-                    handle.remove()
+            self.stats.update(attention_statistics(self.layer, self.prefix, self.needs_stats, self.hidden,
+                                                   self.batches, lambda n: self.feedback.advance(n, "tok")))
         router = getattr(self.layer.mlp, "gate", None)
         handle = None
         if router is not None:  # the float routing of the sample, reused by the OS+ search
@@ -248,20 +243,8 @@ class LayerQuantizer:
         return outputs
 
     def _observe_projection_inputs(self, h: np.ndarray) -> None:
-        """Statistics of the MLA projections that read the normed input (q_a_proj or q_proj, kv_a_proj_with_mqa)
-        and of q_b_proj (its input: q_a_layernorm(q_a_proj(x))) without the rest of the attention, when no other
-        attention linear needs them (every recipe that smooths only the MLA inputs): of the attention's matmuls only
-        q_a_proj runs. The same values as the
-        hooks on the whole attention see."""
-        attn, prefix = self.layer.self_attn, self.prefix + "self_attn."
-        x = self.layer.input_layernorm(float_tensor(h))
-        x_np = x.asnumpy().reshape(-1, x.shape[-1])
-        for local in NORMED_INPUT_PROJECTIONS:
-            if prefix + local in self.needs_stats:
-                self.stats.setdefault(prefix + local, RunningStats()).update(x_np)
-        if prefix + "q_b_proj" in self.needs_stats:
-            q = attn.q_a_layernorm(attn.q_a_proj(x)).asnumpy()
-            self.stats.setdefault(prefix + "q_b_proj", RunningStats()).update(q.reshape(-1, q.shape[-1]))
+        """One batch of the statistics pass when only the MLA input projections need statistics."""
+        projection_statistics(self.layer, self.prefix, self.needs_stats, h, self.stats)
 
     def _fill_unseen_experts(self) -> None:
         """An expert no calibration token reached gets statistics from the layer's bounded MoE input sample."""
@@ -295,12 +278,8 @@ class LayerQuantizer:
             elif scheme.name in (W8A16, W8A8_DYNAMIC) and name not in smoothed:
                 weight_quant.append(name)
         # independent of calibration and of each other (the experts): one unit each, on the executor if any
-        mode = options.weight_rounding
-        if self.executor is not None and len(weight_quant) > 1:
-            done = self.executor.map(quantize_weight_unit,
-                                     [(self.weight(f"{n}.weight"), mode) for n in weight_quant])
-        else:
-            done = [None] * len(weight_quant)
+        done = quantize_weights([f"{n}.weight" for n in weight_quant], self.source, self.weight, self.executor,
+                                options.weight_rounding)
         for name, result in zip(weight_quant, done):
             self._set_weight_quant(name, self.entries[name].scheme.name, result)
         # dynamic linears with SmoothQuant: one scale per norm, folded into it (the plan refused the rest)
@@ -445,6 +424,9 @@ class LayerQuantizer:
         hi = (stats.maximum - shift) / scale
         params = alg.activation_params_asymmetric(float(lo.min()), float(hi.max()))
         act_scale = float(bf16_ceil(params.scale))  # stored in bf16: round up so the range stays covered
+        if self.per_tensor_static:
+            self._set_static_per_tensor(name, t, w, scale, shift, float(lo.min()), act_scale)
+            return
         zero_point = int(np.clip(np.rint(-128 - min(float(lo.min()), 0.0) / act_scale), -128, 127))
         if t.folded_into:
             input_scale = np.full(w.shape[1], act_scale, np.float32)
@@ -467,6 +449,49 @@ class LayerQuantizer:
             self.reference[name] = (w * scale[None, :], (w.astype(np.float64) @ shift).astype(np.float32))
         else:
             self.reference[name] = (w, None)
+
+    def _set_static_per_tensor(self, name: str, t: Transform, w: np.ndarray, scale: np.ndarray, shift: np.ndarray,
+                               lo: float, act_scale: float) -> None:
+        """``_set_static`` in the ascend layout. A transform no norm applies: its scale goes into kv_b_proj's V rows
+        (o_proj only), its shift stays as ``beta`` in the scaled domain, ``(x / s) + beta``."""
+        from goldstick.quant.cells import PerTensorStaticW8A8Linear, quantv2_multiplier
+
+        beta, sw = None, alg.apply_smoothing(w, scale)
+        if not t.folded_into:
+            if np.any(scale != 1):
+                self._fold_into_values(name, scale)
+            if np.any(shift != 0):
+                beta = bf16_round(-shift / scale)
+                shift = (-beta).astype(np.float32)
+        multiplier = float(quantv2_multiplier(act_scale))
+        zero_point = int(np.clip(np.rint(-128 - min(lo, 0.0) * multiplier), -128, 127))
+        q, w_scale = quantize_weight(sw, self.recipe.options.weight_rounding)
+        deq = alg.deq_scale(1.0 / multiplier, w_scale)  # the step the runtime applies: 1 / multiplier
+        # the shift's compensation W @ z: z in x's domain when a norm applies it, in (x / s)'s otherwise
+        term = alg.osplus_bias_compensation(w if t.folded_into else sw, shift, deq).int_term if np.any(shift) else None
+        bias = alg.quant_bias(q, zero_point, extra=term)
+        self._set_cell(name, PerTensorStaticW8A8Linear(q, deq, bias, np.array([act_scale], np.float32),
+                                                       np.array([zero_point], np.float32), beta))
+        self.transforms[name] = Transform(scale, shift, t.folded_into, dict(t.details))
+        self.act_params[name] = alg.ActQuantParams(scale=np.float32(act_scale), zero_point=zero_point)
+        # the float linear on what the cell receives (without a norm: x / s, from the folded V rows)
+        self.reference[name] = (sw, (w.astype(np.float64) @ shift).astype(np.float32) if t.folded_into else None)
+
+    def _fold_into_values(self, name: str, scale: np.ndarray) -> None:
+        """Divide the V rows of the float kv_b_proj that feed o_proj by o_proj's smoothing scale (stored bf16)."""
+        from goldstick.quant.cells import QuantLinearBase
+
+        producer = self.prefix + VALUE_PRODUCER
+        cell = self.linears.get(producer)
+        if name != self.prefix + VALUE_CONSUMER or cell is None or isinstance(cell, QuantLinearBase):
+            raise QuantizeError(f"{name}: a per-channel smoothing scale that neither a norm nor a float "
+                                f"{VALUE_PRODUCER} can absorb has no form in a per-tensor static layout")
+        source = self.weight(f"{producer}.weight")
+        rows = value_rows(self.cfg)
+        exact = source.copy()
+        exact[rows] = source[rows] / scale[:, None]
+        cell.weight.set_data(float_tensor(bf16_round(exact)))
+        self.reference[producer] = (exact, None)
 
     def _set_norm_bias(self, norm_name: str, bias: np.ndarray) -> None:
         norm = self.norms[norm_name]
@@ -665,7 +690,7 @@ class LayerQuantizer:
             cell = self.linears.get(owner)
             if isinstance(cell, QuantLinearBase):
                 local = name.rsplit(".", 1)[1]
-                out[name] = value.astype(STORAGE_DTYPES[local])
+                out[name] = value.astype(cell.storage.get(local, STORAGE_DTYPES[local]))
                 labels[name] = cell.description
             elif name.endswith("e_score_correction_bias"):
                 out[name], labels[name] = value.astype(np.float32), "FLOAT"

@@ -47,8 +47,17 @@ from goldstick.engine.layer import LayerQuantizer, float_tensor, token_count
 from goldstick.engine.report import render_report_md, write_checkpoint_metadata
 from goldstick.engine.result import QuantizeError, QuantizeInterrupted, QuantizeResult
 from goldstick.engine.stream import calibration_needed, route, stream_quantize
-from goldstick.io.checkpoint import CheckpointReader
-from goldstick.io.export import CheckpointWriter, check_plan, write_text_atomic
+from goldstick.engine.weight_units import PARALLEL_WEIGHT_PARAMS
+from goldstick.io.checkpoint import CheckpointError, CheckpointReader, read_safetensors_header
+from goldstick.io.export import (
+    COMPRESSED_TENSORS,
+    MINDSPORE,
+    PER_TENSOR_FORMATS,
+    CheckpointWriter,
+    check_plan,
+    default_format,
+    write_text_atomic,
+)
 from goldstick.io.rundir import (
     WORK_DIR,
     file_record,
@@ -58,9 +67,11 @@ from goldstick.io.rundir import (
     work_files_problem,
     write_manifest,
 )
-from goldstick.io.writer import PlacedShards, PlannedShardWriter, write_json_atomic, write_safetensors
-from goldstick.model.runtime import release_memory, setup_mindspore
+from goldstick.io.writer import PlacedShards, PlannedShardWriter, pwrite_array, write_json_atomic, write_safetensors
+from goldstick.model.config import ModelConfig
+from goldstick.model.runtime import keep_ctrl_c, release_memory, setup_mindspore
 from goldstick.model.tokenizer import load_tokenizer
+from goldstick.quant.kernels import all_finite
 from goldstick.quant.numerics import STORED_DTYPES, bf16_round
 from goldstick.quant.plan import Plan
 from goldstick.quant.recipe import Recipe, load_recipe
@@ -77,30 +88,41 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
              out: str | Path | None = None, calibration: str | Path | None = None,
              calib_samples: int | None = None, calib_seq_len: int | None = None, calib_seed: int | None = None,
              resume: bool = False, progress: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-             stop_after_layer: int | None = None, export_format: str = "mindspore", path: str = "auto",
+             stop_after_layer: int | None = None, export_format: str | None = None, path: str = "auto",
              executor=None, workers: int | None = None) -> QuantizeResult:
     """Quantize a DeepSeek-V3/R1 checkpoint with a recipe; returns the output folder, the plan and the report.
 
     ``model`` None means the embedded default model. ``calibration`` and ``calib_*`` override the recipe's data.
     ``resume`` continues an interrupted run in ``out`` from its last finished layer (same bytes as one run).
     ``stop_after_layer`` stops after that layer, leaving the run resumable (what a kill does, deterministically).
-    ``export_format``: ``mindspore`` (Golden-Stick / vllm-mindspore) or ``compressed-tensors`` (vLLM); a recipe the
-    format cannot hold is refused here, before calibrating (goldstick.io.export).
+    ``export_format``: ``ascend`` (MindFormers / vllm-mindspore ascend mode), ``vllm-ascend`` (vllm-ascend,
+    MindIE), ``golden-stick`` (MindFormers golden-stick mode), ``compressed-tensors`` (vLLM) or ``mindspore``
+    (goldstick's own layout; goldstick.io.layouts); None: ``export.default_format`` (ascend, or vllm-ascend for a
+    recipe with W8A16 linears, mindspore for one no Ascend stack serves). A recipe the format cannot hold is refused
+    here, before calibrating. The ascend targets calibrate static activations as their runtimes apply them (one
+    per-tensor scale).
     ``path``: ``auto`` streams a recipe that needs no calibration (goldstick.engine.stream: shard by shard from the
     source, bit-identical output, no MindSpore) unless calibration data, ``stop_after_layer`` or an interrupted layer
     run ask for the layer path; ``stream`` / ``layers`` force one. ``executor`` (``local`` processes, ``ray``,
     ``inline`` or a goldstick.engine.executors.Executor) and ``workers`` run the independent units: the streamed
     tensors, or the weight quantization of a layer's weight-only/dynamic linears (experts) in the layer path
-    (default there: inline, in this process).
+    (default: local processes on every core; in the layer path only for layers of at least
+    ``PARALLEL_WEIGHT_PARAMS`` such parameters, since starting workers costs more than small layers' work).
     """
     if model is None:
         model = default_model_path()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     given = calibration is not None or calib_samples is not None or calib_seq_len is not None or calib_seed is not None
+    if export_format is None:
+        cfg = ModelConfig.from_file(model)
+        export_format = default_format(cfg, recipe.plan(cfg))
+        if progress and export_format == MINDSPORE:
+            print(f"format: mindspore (goldstick's layout): no Ascend stack serves recipe {recipe.name or '(unnamed)'}"
+                  " as planned (goldstick serve and goldstick export do)", flush=True)
     chosen, why = route(model, recipe, path, export_format, given, stop_after_layer, out, resume)
     if chosen == "stream":
         return stream_quantize(model, recipe, out, executor=executor, workers=workers, progress=progress,
-                               max_shard_bytes=max_shard_bytes, resume=resume)
+                               max_shard_bytes=max_shard_bytes, resume=resume, export_format=export_format)
     if progress:
         print(f"layer path: {why}", flush=True)
     setup_mindspore()
@@ -160,12 +182,15 @@ def quantize(model: str | Path | None = None, recipe: str | Path | Recipe = "dee
     if state["finished"] >= 0:
         hidden_file = np.load(work / hidden_name(state["finished"]))
         hidden = [hidden_file[f"b{i}"] for i in range(len(batches))]
-    else:
-        embed = bf16_round(read_finite(reader, "model.embed_tokens.weight"))  # as exported
-        hidden = [embed[ids] for ids, *_ in batches]
-        del embed
+    else:  # the embedding rows of the calibration tokens, as exported (R1: 1.85 GB of bf16 never read whole)
+        ids = np.unique(np.concatenate([ids.ravel() for ids, *_ in batches]))
+        rows = embedding_rows(reader, "model.embed_tokens.weight", ids)
+        hidden = [rows[np.searchsorted(ids, batch_ids)] for batch_ids, *_ in batches]
+        del rows
 
-    ex = None if executor is None and workers is None else get_executor(executor, workers)
+    ex = get_executor(executor, workers)  # local processes, every core, by default
+    if executor is None and workers is None:
+        ex.min_params = PARALLEL_WEIGHT_PARAMS  # by default only big layers' weights (R1's) go to the processes
     try:
         return _run_layers(out, work, state, reader, recipe, plan, calib, batches, hidden, feedback,
                            max_shard_bytes, stop_after_layer, export_format, ex)
@@ -195,8 +220,9 @@ def _run_layers(out: Path, work: Path, state: dict, reader: CheckpointReader, re
     per_layer: dict[str, float | None] = {}  # "dense" / "MoE": estimated seconds of one layer, from the first timed
     for i in bar:
         started = time.time()
+        keep_ctrl_c()
         lq = LayerQuantizer(cfg, i, LayerTensors(reader, i), plan, recipe, batches, hidden, executor=executor,
-                            lean=True, feedback=feedback)
+                            lean=True, feedback=feedback, per_tensor_static=export_format in PER_TENSOR_FORMATS)
         kind = "MoE" if cfg.is_moe_layer(i) else "dense"
         timing = kind not in per_layer  # the first layer of its kind: its float pass times the estimate
         if timing:
@@ -211,6 +237,7 @@ def _run_layers(out: Path, work: Path, state: dict, reader: CheckpointReader, re
         lq.quantize(float_outputs)
         quant_outputs = lq.measure(float_outputs)
         tensors, labels = lq.tensors()
+        keep_ctrl_c()  # a Ctrl-C from here on stops the run with its message (and one after the commit resumes)
         write_safetensors(temporary(work / f"layer-{i:05d}.safetensors"), tensors.items())
         os.replace(temporary(work / f"layer-{i:05d}.safetensors"), work / f"layer-{i:05d}.safetensors")
         write_json_atomic(work / f"layer-{i:05d}.json", {"report": lq.report, "labels": labels})
@@ -280,17 +307,69 @@ def _finished_run(out: Path, work: Path, plan: Plan, recipe: Recipe) -> Quantize
 
 
 def _final_logits(reader: CheckpointReader, hidden: np.ndarray) -> np.ndarray:
-    """The quantized model's logits for the first calibration batch: final norm and lm_head as stored (bf16)."""
+    """The quantized model's logits for the first calibration batch: final norm and lm_head as stored (bf16).
+    lm_head is applied in row chunks of ``ROW_CHUNK_BYTES`` of its stored bytes (one chunk for small vocabularies;
+    R1's 129280 x 7168 head is never held whole)."""
     cfg = reader.config
     norm = bf16_round(read_finite(reader, "model.norm.weight")).astype(np.float64)
-    head = bf16_round(read_finite(reader, "lm_head.weight"))
-    from goldstick.model.network import Linear, RMSNorm  # MindSpore, set up by quantize
+    from mindspore import Tensor
+
+    from goldstick.model.network import Linear, RMSNorm, parameter_placeholders  # MindSpore, set up by quantize
 
     rms = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     rms.weight.set_data(float_tensor(norm))
-    lm = Linear(cfg.hidden_size, cfg.vocab_size)
-    lm.weight.set_data(float_tensor(head))
-    return lm(rms(float_tensor(hidden))).asnumpy()
+    x = rms(float_tensor(hidden))
+    logits = []
+    for _, rows in row_chunks(reader, "lm_head.weight"):
+        with parameter_placeholders():
+            lm = Linear(cfg.hidden_size, len(rows))
+        lm.weight.set_data(Tensor.from_numpy(rows))
+        logits.append(lm(x).asnumpy())
+        del lm
+    return logits[0] if len(logits) == 1 else np.concatenate(logits, axis=-1)
+
+
+ROW_CHUNK_BYTES = 64 << 20
+
+
+def row_chunks(reader: CheckpointReader, name: str):
+    """(first row, float32 rows rounded to bf16 as exported) of a 2-D float tensor, ``ROW_CHUNK_BYTES`` of its
+    stored bytes at a time (pread): R1's embed_tokens and lm_head (1.85 GB of bf16 each) are never read whole. After
+    the last chunk, refused if any value was not finite (as ``read_finite``, naming the first)."""
+    dtype = reader.dtype(name)
+    if dtype not in ("BF16", "F16", "F32"):
+        yield 0, bf16_round(read_finite(reader, name))
+        return
+    info = read_safetensors_header(reader.path, reader.file_of(name))[name]
+    stored = STORED_DTYPES[dtype]
+    rows, cols = info.shape
+    row_bytes = cols * stored.itemsize
+    chunk = max(1, ROW_CHUNK_BYTES // row_bytes)
+    bad, first = 0, None
+    with open(reader.path / info.file, "rb") as handle:
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            raw = os.pread(handle.fileno(), (stop - start) * row_bytes, info.start + start * row_bytes)
+            block = np.frombuffer(raw, stored).reshape(stop - start, cols)
+            finite = np.isfinite(block)
+            if not finite.all():
+                bad += block.size - int(np.count_nonzero(finite))
+                if first is None:
+                    r, c = np.unravel_index(int(np.argmin(finite)), finite.shape)
+                    first = [start + int(r), int(c)]
+            yield start, bf16_round(block.astype(np.float32))
+    if bad:
+        raise CheckpointError(f"{info.file}: tensor '{name}' holds {bad} NaN/Inf value(s), the first at index "
+                              f"{first}; goldstick refuses to quantize a checkpoint with non-finite weights")
+
+
+def embedding_rows(reader: CheckpointReader, name: str, ids: np.ndarray) -> np.ndarray:
+    """float32 rows ``ids`` (sorted, unique) of a 2-D float tensor as exported (``row_chunks``)."""
+    out = np.empty((len(ids), reader.shape(name)[1]), np.float32)
+    for start, rows in row_chunks(reader, name):
+        lo, hi = np.searchsorted(ids, [start, start + len(rows)])
+        out[lo:hi] = rows[ids[lo:hi] - start]
+    return out
 
 
 def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, plan: Plan,
@@ -302,13 +381,16 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
     """
     cfg = reader.config
     remove_temporaries(out)  # an earlier, killed assembly may have left some
-    if export_format == "mindspore":
+    # the mindspore layout stores these tensors under their own names, as they are: written in row chunks
+    chunked = chunked_tensors(reader) if export_format == "mindspore" else frozenset()
+    if export_format != COMPRESSED_TENSORS:
         # plan the shards from dtypes and shapes (ShardedWriter's cut, same bytes), then write each tensor into
         # place as it is read: memory is one layer's tensors, not a shard (Golden-Stick's cap: 4 GB)
         planned = PlannedShardWriter(out, max_shard_bytes=max_shard_bytes, overwrite=True)
         _add_checkpoint_tensors(CheckpointWriter(out, export_format, cfg, max_shard_bytes, shards=planned),
                                 reader, work, placeholders=True)
-        writer = CheckpointWriter(out, export_format, cfg, max_shard_bytes, shards=PlacedShards(planned))
+        writer = CheckpointWriter(out, export_format, cfg, max_shard_bytes,
+                                  shards=RowChunkShards(planned, reader, chunked))
         try:
             planned.open()
         except BaseException:
@@ -317,7 +399,7 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
     else:  # compressed-tensors derives some tensors from values: buffered shards
         writer = CheckpointWriter(out, export_format, cfg, max_shard_bytes)
     try:
-        layer_reports = _add_checkpoint_tensors(writer, reader, work, placeholders=False)
+        layer_reports = _add_checkpoint_tensors(writer, reader, work, placeholders=False, chunked=chunked)
     except BaseException:
         writer.abort()
         raise
@@ -338,18 +420,21 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
     return report
 
 
-def _add_checkpoint_tensors(writer, reader: CheckpointReader, work: Path, placeholders: bool) -> list[dict]:
+def _add_checkpoint_tensors(writer, reader: CheckpointReader, work: Path, placeholders: bool,
+                            chunked: frozenset = frozenset()) -> list[dict]:
     """Add every tensor of the quantized checkpoint to ``writer`` in the writing order: globals, each layer's work
     file (float tensors, then each quantized linear's), MTP. ``placeholders``: zero-stride arrays of the right
-    dtype and shape, no data read (to plan shards). Returns the layers' reports."""
-    def value(read, dtype, shape):
-        return np.broadcast_to(np.zeros((), dtype), tuple(shape)) if placeholders else read()
+    dtype and shape, no data read (to plan shards); ``chunked``: the names given as placeholders anyway (their
+    writer, ``RowChunkShards``, writes them from the source itself). Returns the layers' reports."""
+    def value(read, dtype, shape, name=None):
+        if placeholders or name in chunked:
+            return np.broadcast_to(np.zeros((), dtype), tuple(shape))
+        return read()
 
     cfg = reader.config
     reports = []
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        writer.add(name, "FLOAT", value(lambda name=name: bf16_round(reader.read(name)).astype(BF16), BF16,
-                                        reader.shape(name)))
+        writer.add(name, "FLOAT", value(lambda name=name: _stored_bf16(reader, name), BF16, reader.shape(name), name))
     for i in range(cfg.num_hidden_layers):
         meta = json.loads((work / f"layer-{i:05d}.json").read_text())
         reports.append(meta["report"])
@@ -375,6 +460,44 @@ def _add_checkpoint_tensors(writer, reader: CheckpointReader, work: Path, placeh
         keep_f32 = name.endswith("e_score_correction_bias") and reader.dtype(name) == "F32"
         writer.add(name, "FLOAT", value(
             lambda name=name, keep_f32=keep_f32: (reader.read_raw(name) if keep_f32
-                                                  else read_finite(reader, name).astype(BF16)),
-            np.float32 if keep_f32 else BF16, reader.shape(name)))
+                                                  else _stored_bf16(reader, name, check=True)),
+            np.float32 if keep_f32 else BF16, reader.shape(name), name))
     return reports
+
+
+CHUNKED_BYTES = 256 << 20  # float tensors from this size (R1's embeddings and heads) are written in row chunks
+
+
+def chunked_tensors(reader: CheckpointReader) -> frozenset:
+    """The embeddings and heads (main and MTP) big enough to be written in row chunks: a bf16 copy of each would
+    otherwise be held whole (R1: 1.85 GB)."""
+    names = ["model.embed_tokens.weight", "lm_head.weight", *reader.mtp_tensor_names()]
+    return frozenset(n for n in names if reader.dtype(n) in ("BF16", "F16", "F32") and len(reader.shape(n)) == 2
+                     and int(np.prod(reader.shape(n))) * 2 >= CHUNKED_BYTES)
+
+
+class RowChunkShards(PlacedShards):
+    """PlacedShards that writes the ``chunked`` tensors row chunk by row chunk from the source (``row_chunks``:
+    the same bf16 bytes, checked finite), whatever array ``add`` is given for them."""
+
+    def __init__(self, planned: PlannedShardWriter, reader: CheckpointReader, chunked: frozenset):
+        super().__init__(planned)
+        self.reader, self.chunked = reader, chunked
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if name not in self.chunked:
+            return super().add(name, array)
+        path, offset, nbytes = self.planned.location(name)
+        row_bytes = nbytes // self.reader.shape(name)[0]
+        for start, rows in row_chunks(self.reader, name):
+            pwrite_array(path, offset + start * row_bytes, rows.astype(BF16))
+
+
+def _stored_bf16(reader: CheckpointReader, name: str, check: bool = False) -> np.ndarray:
+    """A float tensor as exported (bf16): a bf16 source as stored (no float32 copy: R1's embeddings and heads are
+    1.85 GB each), anything else rounded. ``check``: refused if not finite (as ``read_finite``)."""
+    if reader.dtype(name) == "BF16":
+        stored = reader.read_raw(name)
+        if not check or all_finite(stored):
+            return stored
+    return (read_finite(reader, name) if check else bf16_round(reader.read(name))).astype(BF16)

@@ -15,14 +15,16 @@ statistics: each output tensor is a function of one source tensor. So instead of
                driver asks the kernel to read ahead the units queued next (WILLNEED) while workers compute, and
                hashes each shard for the manifest as soon as its last unit is done, so reads, compute, writes and
                hashing overlap
-    finishes   fsync, rename shards, index, config.json + quantization_description.json, tokenizer files, recipe,
+    finishes   fsync, rename shards, index, config.json + the layout's description file, tokenizer files, recipe,
                report, manifest last
 
 With the fused kernels a run is bound by pread/pwrite, hashing and process start-up rather than arithmetic
 (benchmarks/README.md has the figures against a plain copy, with the command).
 
 Memory is bounded by the units in flight (2 per worker, ~4M elements each), whatever the model or shard size. The
-output is the engine's mindspore-format checkpoint bit for bit (tests/test_stream.py), MTP passed through.
+output is the layer path's checkpoint bit for bit in the layouts it writes (``STREAM_FORMATS``: the ascend targets,
+whose scales are the engine's bf16 scales stored as float32 [out, 1], and mindspore; tests/test_stream.py), MTP
+passed through.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ from goldstick.engine.report import render_streamed_report_md, write_checkpoint_
 from goldstick.engine.result import QuantizeError, QuantizeResult
 from goldstick.errors import GoldstickError
 from goldstick.io.checkpoint import SCALE_SUFFIX, CheckpointError, CheckpointReader, nonfinite_problem
-from goldstick.io.export import MINDSPORE, CheckpointWriter, write_text_atomic
+from goldstick.io.export import CheckpointWriter, check_plan, default_format, write_text_atomic
+from goldstick.io.layouts import ASCEND, MINDSPORE, VLLM_ASCEND
 from goldstick.io.rundir import WORK_DIR, remove_temporaries, write_manifest
 from goldstick.io.writer import PlannedShardWriter, pwrite_array, write_json_atomic
 from goldstick.model.architecture import ROUTER
@@ -63,6 +66,7 @@ READ_AHEAD = 256 << 20  # source bytes the driver asks the kernel to read ahead 
 # data-free quantized schemes -> their description labels (the weight-only and dynamic linears streamed here)
 LABELS = {name: SCHEMES[name].label for name in DATA_FREE if SCHEMES[name].quantized}
 GLOBALS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")  # as the engine writes them
+STREAM_FORMATS = (ASCEND, VLLM_ASCEND, MINDSPORE)  # golden-stick permutes RoPE rows: the layer path writes it
 
 
 class StreamError(GoldstickError, RuntimeError):
@@ -76,7 +80,7 @@ def calibration_needed(plan: Plan) -> list[str]:
             if e.scheme.name not in DATA_FREE or e.scheme.outlier_suppression != "none"]
 
 
-def choose_path(cfg, recipe: Recipe, path: str = "auto", export_format: str = "mindspore") -> tuple[str, str]:
+def choose_path(cfg, recipe: Recipe, path: str = "auto", export_format: str = ASCEND) -> tuple[str, str]:
     """("stream" | "layers", why). ``path``: auto (stream when the recipe needs no calibration), stream, layers."""
     if path not in ("auto", "stream", "layers"):
         raise StreamError(f"unknown quantization path {path!r}; choose auto, stream or layers")
@@ -88,11 +92,11 @@ def choose_path(cfg, recipe: Recipe, path: str = "auto", export_format: str = "m
         if path == "stream":
             raise StreamError(f"the streaming path is for data-free recipes only: {why}")
         return "layers", why
-    if export_format != "mindspore":
+    if export_format not in STREAM_FORMATS:
         if path == "stream":
-            raise StreamError(f"the streaming path writes the mindspore format; for {export_format} use the layer "
-                              "path (or stream, then `goldstick export`)")
-        return "layers", f"the streaming path writes only the mindspore format, not {export_format}"
+            raise StreamError(f"the streaming path writes the {', '.join(STREAM_FORMATS)} formats; for "
+                              f"{export_format} use the layer path (or stream, then `goldstick export`)")
+        return "layers", f"the streaming path does not write the {export_format} format"
     return "stream", "the recipe needs no calibration (every linear float, w8a16 or w8a8-dynamic without smoothing)"
 
 
@@ -136,8 +140,9 @@ class Span:
 class Unit:
     """Rows [r0, r1) of one source tensor -> its output tensors' rows, written in place.
 
-    kind ``cast``: one output ``(path, offset, dtype)``; kind ``quant``: weight int8, weight_scale bf16,
-    weight_offset int32 (zeros), each ``(path, offset)`` of row 0 of that output tensor.
+    kind ``cast``: one output ``(path, offset, dtype)``; kind ``quant``: weight int8, weight_scale (bf16 [out], or
+    float32 [out, 1] in the ascend layouts), weight_offset (zeros: int32 or float32), each ``(path, offset, bytes
+    per row)`` of row 0 of that output tensor.
     """
 
     name: str
@@ -220,11 +225,15 @@ def run_unit(unit: Unit) -> tuple[int, tuple]:
         _pwrite(path, offset + unit.r0 * row, values)
         return unit.input_bytes, ((path, values.nbytes),)
     q, scale = _quantize(unit, stored, scale)
-    (wp, wo), (sp, so), (op, oo) = unit.outputs
+    (wp, wo, _), (sp, so, scale_bytes), (op, oo, offset_bytes) = unit.outputs
     _pwrite(wp, wo + unit.r0 * q.shape[1], q)
-    _pwrite(sp, so + unit.r0 * 2, scale.astype(BF16))
-    _pwrite(op, oo + unit.r0 * 4, np.zeros(unit.r1 - unit.r0, np.int32))
-    return unit.input_bytes, ((wp, q.nbytes), (sp, 2 * len(scale)), (op, 4 * len(scale)))
+    stored_scale = scale.astype(BF16)  # the engine's scales; the ascend layouts store them as float32
+    if scale_bytes == 4:
+        stored_scale = stored_scale.astype(np.float32)
+    _pwrite(sp, so + unit.r0 * scale_bytes, stored_scale)
+    zeros = np.zeros((unit.r1 - unit.r0) * offset_bytes, np.uint8)  # int32 and float32 zeros: the same bytes
+    _pwrite(op, oo + unit.r0 * offset_bytes, zeros)
+    return unit.input_bytes, ((wp, q.nbytes), (sp, stored_scale.nbytes), (op, zeros.nbytes))
 
 
 def _values(unit: Unit, stored: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
@@ -335,7 +344,7 @@ def iter_units(reader: CheckpointReader, outs: list[OutputTensor], writer, mode:
             outputs = ((str(path), offset, np.dtype(o.dtype).name),)
             kind = "cast"
         else:
-            outputs = tuple((str(p), off) for p, off, _ in
+            outputs = tuple((str(p), off, nbytes // max(rows, 1)) for p, off, nbytes in
                             (writer.location(f"{o.name}.{k}") for k in ("weight", "weight_scale", "weight_offset")))
             kind = "quant"
         for r0 in range(0, max(rows, 1), step):
@@ -357,8 +366,10 @@ class StreamStats:
 
 
 def stream_quantize(model, recipe, out, executor=None, workers: int | None = None, progress: bool = True,
-                    max_shard_bytes: int = 4 << 30, resume: bool = False, ray_address: str | None = None):
-    """Quantize with a data-free recipe by streaming (see the module docstring); returns a QuantizeResult."""
+                    max_shard_bytes: int = 4 << 30, resume: bool = False, ray_address: str | None = None,
+                    export_format: str | None = None):
+    """Quantize with a data-free recipe by streaming (see the module docstring); returns a QuantizeResult.
+    ``export_format``: one of ``STREAM_FORMATS`` (None: ``export.default_format``)."""
     started = time.time()
     if model is None:
         model = default_model_path()
@@ -366,7 +377,9 @@ def stream_quantize(model, recipe, out, executor=None, workers: int | None = Non
     cfg = reader.config
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     plan = recipe.plan(cfg)
-    choose_path(cfg, recipe, "stream")
+    export_format = export_format or default_format(cfg, plan)
+    choose_path(cfg, recipe, "stream", export_format)
+    check_plan(cfg, plan, export_format)
     if out is None:
         raise QuantizeError("quantize needs an output folder (out=...)")
     if max_shard_bytes <= 0:
@@ -384,7 +397,7 @@ def stream_quantize(model, recipe, out, executor=None, workers: int | None = Non
 
     outs = output_tensors(reader, plan)
     shards = PlannedShardWriter(out, max_shard_bytes=max_shard_bytes, overwrite=True)
-    writer = CheckpointWriter(out, MINDSPORE, cfg, max_shard_bytes, shards=shards)
+    writer = CheckpointWriter(out, export_format, cfg, max_shard_bytes, shards=shards)
     for o in outs:
         shape = reader.shape(o.source)
         if o.label == "FLOAT":

@@ -27,6 +27,7 @@ from goldstick.quant.fp8 import dequantize_fp8_blocks, scale_grid_shape
 from goldstick.quant.numerics import STORED_DTYPES
 
 INDEX_FILE = "model.safetensors.index.json"
+MSMODELSLIM_INDEX_FILE = "quant_model_weights.safetensors.index.json"  # msModelSlim's name for the same index
 SINGLE_FILE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library refuses larger headers too
@@ -173,8 +174,9 @@ class CheckpointReader:
 
     def _scan_files(self) -> dict[str, TensorInfo]:
         """name -> TensorInfo for every tensor the index (or the single file) lists."""
-        if (self.path / INDEX_FILE).exists():
-            self._listing = INDEX_FILE
+        index = next((f for f in (INDEX_FILE, MSMODELSLIM_INDEX_FILE) if (self.path / f).exists()), None)
+        if index is not None:
+            self._listing = index
             weight_map = self._read_index()
         elif (self.path / SINGLE_FILE).exists():
             self._listing = SINGLE_FILE
@@ -187,32 +189,33 @@ class CheckpointReader:
             first_tensor_of.setdefault(file, name)
         for file, name in first_tensor_of.items():  # all missing shards are reported before any header is read
             if not (self.path / file).is_file():
-                raise CheckpointError(f"{file}: shard named by {INDEX_FILE} does not exist (it should hold "
+                raise CheckpointError(f"{file}: shard named by {self._listing} does not exist (it should hold "
                                       f"tensor '{name}')")
         headers = {file: read_safetensors_header(self.path, file) for file in first_tensor_of}
         tensors = {}
         for name, file in weight_map.items():
             if name not in headers[file]:
-                raise CheckpointError(f"{file}: tensor '{name}' is listed in {INDEX_FILE} but absent from the file")
+                raise CheckpointError(f"{file}: tensor '{name}' is listed in {self._listing} but absent from the "
+                                      "file")
             tensors[name] = headers[file][name]
         return tensors
 
     def _read_index(self) -> dict[str, str]:
         try:
-            index = json.loads((self.path / INDEX_FILE).read_text())
+            index = json.loads((self.path / self._listing).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{INDEX_FILE}: not a readable JSON file ({exc})") from None
+            raise CheckpointError(f"{self._listing}: not a readable JSON file ({exc})") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{INDEX_FILE}: no 'weight_map' object mapping tensor names to shard files")
+            raise CheckpointError(f"{self._listing}: no 'weight_map' object mapping tensor names to shard files")
         for name, file in weight_map.items():
             if not isinstance(file, str) or not file:
-                raise CheckpointError(f"{INDEX_FILE}: 'weight_map' entry for tensor '{name}' is {file!r}, "
+                raise CheckpointError(f"{self._listing}: 'weight_map' entry for tensor '{name}' is {file!r}, "
                                       "not a file name")
         return weight_map
 
     def _check_against_config(self) -> None:
-        where = "the index" if self._listing == INDEX_FILE else "the file"
+        where = "the file" if self._listing == SINGLE_FILE else "the index"
         # An MTP layer may be absent as a whole (transformers' save_pretrained drops it but keeps
         # num_nextn_predict_layers); one that is stored must be complete.
         stored_mtp_layers = set(self.mtp_layers())

@@ -43,17 +43,19 @@ from goldstick.io.checkpoint import (
 )
 from goldstick.io.export import (
     COMPRESSED_TENSORS,
-    DESCRIPTION_FILE,
-    MINDSPORE,
+    DESCRIPTION_FILES,
+    DESCRIPTION_METADATA,
     ExportError,
     ct_groups,
     ct_scheme_of,
+    detect_format,
 )
 from goldstick.io.files import sha256_file
+from goldstick.io.layouts import linear_layout
 from goldstick.model.architecture import layer_of
 from goldstick.model.config import ConfigError, ModelConfig
 from goldstick.quant.numerics import STORED_DTYPES
-from goldstick.quant.schemes import FLOAT, FLOAT_LABEL, LABEL_TO_SCHEME, SCHEMES, quantized_by_label
+from goldstick.quant.schemes import FLOAT, FLOAT_LABEL, LABEL_TO_SCHEME, SCHEMES
 
 MANIFEST = "manifest.json"
 _SCALES = ("deq_scale", "input_scale", "weight_scale")
@@ -107,14 +109,16 @@ def verify(path: str | Path, hashes: bool = True) -> VerifyReport:
         return report
     raw_config = json.loads((path / "config.json").read_text())
     qc = raw_config.get("quantization_config") or {}
-    if (path / DESCRIPTION_FILE).exists():
-        report.format = MINDSPORE
-        expected = _mindspore_layout(path, config, tensors, report)
+    fmt = detect_format(path)
+    if fmt is not None and fmt != COMPRESSED_TENSORS:
+        report.format = fmt
+        expected = _described_layout(path, config, tensors, report, fmt)
     elif qc.get("quant_method") == COMPRESSED_TENSORS:
         report.format = COMPRESSED_TENSORS
         expected = _compressed_tensors_layout(config, qc, tensors, report)
     else:
-        report.problems.append(f"{path}: not a quantized goldstick checkpoint (no {DESCRIPTION_FILE} and no "
+        report.problems.append(f"{path}: not a quantized goldstick checkpoint (no "
+                               f"{' or '.join(sorted(set(DESCRIPTION_FILES.values())))} and no "
                                "compressed-tensors quantization_config in config.json)")
         return report
     if expected is not None:
@@ -213,20 +217,24 @@ def _linear_dims(config: ModelConfig, shapes: dict, owner: str) -> tuple[int, in
     return (shape[0], shape[1]) if shape is not None and len(shape) == 2 else None
 
 
-def _mindspore_layout(path: Path, config: ModelConfig, tensors: dict[str, TensorInfo],
-                      report: VerifyReport) -> dict[str, tuple[str, tuple]] | None:
+def _described_layout(path: Path, config: ModelConfig, tensors: dict[str, TensorInfo],
+                      report: VerifyReport, fmt: str) -> dict[str, tuple[str, tuple]] | None:
     """name -> (dtype, shape) each described tensor must have; description/index mismatches go to the report."""
+    desc = DESCRIPTION_FILES[fmt]  # the description file, named in messages
     try:
-        labels = json.loads((path / DESCRIPTION_FILE).read_text())
-        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        labels = json.loads((path / desc).read_text())
+        if not isinstance(labels, dict):
+            raise TypeError
+        labels = {k: v for k, v in labels.items() if k not in DESCRIPTION_METADATA}
+        if not all(isinstance(v, str) for v in labels.values()):
             raise TypeError
     except (OSError, ValueError, TypeError):
-        report.problems.append(f"{DESCRIPTION_FILE}: not a JSON object of tensor name -> label")
+        report.problems.append(f"{desc}: not a JSON object of tensor name -> label")
         return None
     for name in sorted(set(tensors) - set(labels)):
-        report.problems.append(f"{DESCRIPTION_FILE}: no entry for tensor '{name}' (in {tensors[name].file})")
+        report.problems.append(f"{desc}: no entry for tensor '{name}' (in {tensors[name].file})")
     for name in sorted(set(labels) - set(tensors)):
-        report.problems.append(f"{DESCRIPTION_FILE}: describes '{name}', which no shard holds")
+        report.problems.append(f"{desc}: describes '{name}', which no shard holds")
     shapes = _float_shapes(config, tensors)
     expected: dict[str, tuple[str, tuple]] = {}
     owners: dict[str, str] = {}
@@ -239,24 +247,23 @@ def _mindspore_layout(path: Path, config: ModelConfig, tensors: dict[str, Tensor
             elif name.endswith("layernorm.bias") and name[:-4] + "weight" in shapes:  # an OS+ shift, folded
                 expected[name] = ("BF16", shapes[name[:-4] + "weight"])
             else:
-                report.problems.append(f"{DESCRIPTION_FILE}: '{name}' (FLOAT) is no tensor config.json implies")
+                report.problems.append(f"{desc}: '{name}' (FLOAT) is no tensor config.json implies")
             continue
         if label not in LABEL_TO_SCHEME:
-            report.problems.append(f"{DESCRIPTION_FILE}: '{name}' has label {label!r}, not one of {FLOAT_LABEL}, "
+            report.problems.append(f"{desc}: '{name}' has label {label!r}, not one of {FLOAT_LABEL}, "
                                    f"{', '.join(LABEL_TO_SCHEME)}")
             continue
         owner = name.rpartition(".")[0]
         if owners.setdefault(owner, label) != label:
-            report.problems.append(f"{DESCRIPTION_FILE}: the tensors of '{owner}' carry different labels "
+            report.problems.append(f"{desc}: the tensors of '{owner}' carry different labels "
                                    f"({owners[owner]}, {label})")
     for owner, label in sorted(owners.items()):
         dims = _linear_dims(config, shapes, owner)
         if dims is None or owner not in set(config.linear_names()):
-            report.problems.append(f"{DESCRIPTION_FILE}: '{owner}' is labelled {label} but is no linear of the "
+            report.problems.append(f"{desc}: '{owner}' is labelled {label} but is no linear of the "
                                    "main network in config.json")
             continue
-        scheme = quantized_by_label(label)
-        required, optional = scheme.layout(*dims), scheme.layout(*dims, optional=True)
+        required, optional = linear_layout(fmt, label, *dims)
         described = {n.rpartition(".")[2] for n in labels if n.rpartition(".")[0] == owner}
         for local in sorted(set(required) - described):
             report.problems.append(f"'{owner}.{local}': missing; a {label} linear needs "
@@ -266,7 +273,7 @@ def _mindspore_layout(path: Path, config: ModelConfig, tensors: dict[str, Tensor
         for local, spec in {**required, **optional}.items():
             if local in described and f"{owner}.{local}" in tensors:
                 expected[f"{owner}.{local}"] = spec
-    _check_linears_covered(config, {n for n in expected}, report)
+    _check_linears_covered(config, {n for n in expected}, report, desc)
     return expected
 
 
@@ -295,12 +302,13 @@ def _compressed_tensors_layout(config: ModelConfig, qc: dict, tensors: dict[str,
     return expected
 
 
-def _check_linears_covered(config: ModelConfig, expected: set[str], report: VerifyReport) -> None:
+def _check_linears_covered(config: ModelConfig, expected: set[str], report: VerifyReport,
+                           description_file: str) -> None:
     for owner in config.linear_names():
         if owner == "lm_head" and config.tie_word_embeddings:
             continue
         if f"{owner}.weight" not in expected:
-            report.problems.append(f"{DESCRIPTION_FILE}: linear '{owner}' of config.json has no weight")
+            report.problems.append(f"{description_file}: linear '{owner}' of config.json has no weight")
 
 
 # ---- tensors --------------------------------------------------------------------------------------------------

@@ -89,6 +89,15 @@ FEEDING_NORMS: dict[str, tuple[str, ...]] = {
                                  "mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
 }
 # o_proj (fed by attention) and every down_proj (fed by silu(gate)*up) have no feeding norm.
+# o_proj's input is the attention-weighted sum of kv_b_proj's V rows (the softmax weights sum to 1), so a scale
+# on o_proj's input channel j can be folded into the V row that produces it: ``value_rows``.
+VALUE_PRODUCER, VALUE_CONSUMER = "self_attn.kv_b_proj", "self_attn.o_proj"
+
+
+def value_rows(config: ModelConfig) -> np.ndarray:
+    """Row of kv_b_proj's weight that produces o_proj's input channel j (head h, dim d: h*(nope+v) + nope + d)."""
+    h, d = np.divmod(np.arange(config.num_attention_heads * config.v_head_dim), config.v_head_dim)
+    return h * (config.qk_nope_head_dim + config.v_head_dim) + config.qk_nope_head_dim + d
 
 FUSED_LINEARS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("fused_qkv_a_proj", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),

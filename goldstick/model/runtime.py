@@ -31,6 +31,19 @@ def setup_mindspore() -> None:
     _READY = True
 
 
+def keep_ctrl_c() -> None:
+    """Give Ctrl-C back to Python's handler (KeyboardInterrupt: goldstick's message and exit status 130). During a
+    layer run on CPU, MindSpore's runtime puts a native SIGINT handler in place of Python's, which ends the process
+    by SIGTERM (measured with 2.10); installing Python's handler again (the caller's own, a notebook's say, or the
+    default) undoes that. A SIGINT that is ignored or left to the system stays so."""
+    import signal
+    import threading
+
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is threading.main_thread() and callable(handler):
+        signal.signal(signal.SIGINT, handler)
+
+
 def release_memory(collect: bool = True) -> None:
     """Collect garbage (``collect``; cheap once setup_mindspore has frozen MindSpore's objects) and give freed heap
     memory back to the OS.

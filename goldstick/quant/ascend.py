@@ -73,6 +73,7 @@ from mindspore.ops.auto_generate import (
 )
 
 from goldstick.model.network import MoE
+from goldstick.quant.cells import quantv2_multiplier
 from goldstick.quant.schemes import SCHEMES, W8A8_DYNAMIC, W8A8_STATIC, W8A16
 
 BF16 = ms.bfloat16
@@ -216,8 +217,17 @@ class AscendStaticW8A8Linear(AscendQuantLinear):
         deq = _stored(t, "deq_scale", np.float32, (out_features,), name)
         self.deq_scale = _param(_dense_deq_scale(deq, compute_dtype), "deq_scale")
         self.quant_bias = _param(_stored(t, "quant_bias", np.int32, (out_features,), name), "quant_bias")
-        self.input_scale = _param(_stored(t, "input_scale", cdt, (in_features,), name), "input_scale")
-        self.input_offset = _param(_stored(t, "input_offset", np.int8, (in_features,), name), "input_offset")
+        # the ascend layout (input_scale [1], a true scale): MindFormers' modelslim branch, inverted in bf16 and a
+        # float offset, which makes QuantV2 aclnnAscendQuant's round(x * scale + offset) (a8w8.py:81-90, 112-118)
+        self.per_tensor = np.size(input_scale) == 1
+        if self.per_tensor:
+            self.stored_input_scale = np.asarray(input_scale, np.float32).reshape(1)
+            inverse = quantv2_multiplier(self.stored_input_scale)
+            self.input_scale = _param(inverse.astype(cdt), "input_scale")
+            self.input_offset = _param(_stored(t, "input_offset", cdt, (1,), name), "input_offset")
+        else:
+            self.input_scale = _param(_stored(t, "input_scale", cdt, (in_features,), name), "input_scale")
+            self.input_offset = _param(_stored(t, "input_offset", np.int8, (in_features,), name), "input_offset")
         self.has_beta = beta is not None
         if self.has_beta:
             self.beta = _param(_stored({"beta": beta}, "beta", cdt, (in_features,), name), "beta")
@@ -233,6 +243,8 @@ class AscendStaticW8A8Linear(AscendQuantLinear):
         out = super().tensors()
         if out["deq_scale"].dtype == np.int64:  # fp16 compute: back to the stored fp32
             out["deq_scale"] = unpack_deq_scale_int64(out["deq_scale"])
+        if self.per_tensor:  # the op holds its bf16 inverse
+            out["input_scale"] = self.stored_input_scale
         return out
 
     def forward_2d(self, x: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ Rounding is round-half-to-even (``ops.round`` / ``np.rint``), the Ascend "ROUND"
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
@@ -26,6 +27,7 @@ from goldstick.quant.schemes import LABEL_TO_SCHEME, SCHEMES, W8A8_DYNAMIC, W8A8
 
 INT8_MIN, INT8_MAX = -128, 127
 FP32_EXACT_INT = 2 ** 24
+BF16 = ml_dtypes.bfloat16
 
 
 def exact_accumulation_bound(in_features: int) -> bool:
@@ -40,6 +42,7 @@ def _p(array: np.ndarray, name: str) -> Parameter:
 class QuantLinearBase(nn.Cell):
     scheme = ""  # a name of goldstick.quant.schemes
     description = ""  # quantization_description.json label: the scheme's
+    storage: dict = {}  # local name -> storage dtype where it differs from the scheme registry's
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -87,7 +90,7 @@ class ScaledWeightLinear(QuantLinearBase):
     @classmethod
     def from_tensors(cls, tensors: dict[str, np.ndarray]) -> ScaledWeightLinear:
         """From the stored tensors (``weight_offset``, zeros, is not read)."""
-        return cls(tensors["weight"], np.asarray(tensors["weight_scale"]).astype(np.float32))
+        return cls(tensors["weight"], np.asarray(tensors["weight_scale"]).astype(np.float32).reshape(-1))
 
 
 class W8A16Linear(ScaledWeightLinear):
@@ -160,6 +163,60 @@ class StaticW8A8Linear(QuantLinearBase):
         return Tensor.from_numpy(y).reshape(*lead, self.out_features)
 
 
+def quantv2_multiplier(input_scale) -> np.ndarray:
+    """The per-tensor multiplier the ascend layout's runtimes apply: ``bf16(1 / bf16(input_scale))`` as float32.
+
+    MindFormers' ascend mode holds ``input_scale`` in a bf16 parameter and inverts it after loading
+    (``A8W8LinearMethod.process_weights_after_loading``: ``1 / input_scale.asnumpy()`` on the bf16 array, kept
+    in bf16); QuantV2 with a float offset is aclnnAscendQuant, ``round(x * scale + offset)``. vllm-ascend does
+    the same (``aclnn_input_scale = 1 / input_scale`` in the model dtype).
+    """
+    s = np.asarray(input_scale, np.float32).astype(BF16).astype(np.float32)
+    return (np.float32(1.0) / s).astype(BF16).astype(np.float32)
+
+
+class PerTensorStaticW8A8Linear(StaticW8A8Linear):
+    """Static W8A8 in the ascend layout (msModelSlim's; MindFormers' ascend mode, vllm-ascend and MindIE load it):
+    x_q = clip(round((x + beta) * m + input_offset)), m = ``quantv2_multiplier(input_scale)``;
+    y = (x_q @ W_q.T + quant_bias) * deq_scale.
+
+    ``input_scale`` f32 [1] is the true per-tensor scale (x ~ (x_q - offset) * input_scale), ``input_offset`` f32
+    [1] the zero point, ``beta`` [in] the shift added before quantization (zeros when absent: MindFormers creates
+    it for every static linear). The runtime holds scale, offset and beta in bf16, so the stored values are
+    bf16-exact when goldstick writes them.
+    """
+
+    storage = {"input_scale": np.float32, "input_offset": np.float32}
+
+    def __init__(self, weight: np.ndarray, deq_scale: np.ndarray, quant_bias: np.ndarray, input_scale: np.ndarray,
+                 input_offset: np.ndarray, beta: np.ndarray | None = None):
+        scale = np.asarray(input_scale, np.float32).reshape(-1)
+        offset = np.asarray(input_offset, np.float32).reshape(-1)
+        if scale.size != 1 or offset.size != 1:
+            raise ValueError(f"a per-tensor input_scale / input_offset has one value each, found shapes "
+                             f"{np.shape(input_scale)} / {np.shape(input_offset)}")
+        QuantLinearBase.__init__(self, weight.shape[1], weight.shape[0])
+        self.weight = _p(weight.astype(np.int8), "weight")
+        self.deq_scale = _p(np.asarray(deq_scale).astype(np.float32), "deq_scale")
+        self.quant_bias = _p(np.asarray(quant_bias).astype(np.int32), "quant_bias")
+        self.input_scale = _p(scale, "input_scale")
+        self.input_offset = _p(offset, "input_offset")
+        self.has_beta = beta is not None
+        if self.has_beta:
+            self.beta = _p(np.asarray(beta).astype(np.float32), "beta")
+        self._multiplier = quantv2_multiplier(scale)
+        self._offset = offset.astype(BF16).astype(np.float32)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        a = x.asnumpy()
+        q = a + self.beta.asnumpy().astype(BF16).astype(np.float32) if self.has_beta else a.copy()
+        np.multiply(q, self._multiplier, out=q)
+        np.add(q, self._offset, out=q)
+        np.rint(q, out=q)
+        np.clip(q, INT8_MIN, INT8_MAX, out=q)
+        return Tensor.from_numpy(q)
+
+
 class DynamicW8A8Linear(ScaledWeightLinear):
     """Dynamic per-token W8A8: s_t = max|x_t| / 127, x_q = round(x / s_t); y = (x_q @ W_q.T) * s_t * weight_scale."""
 
@@ -216,4 +273,6 @@ def cell_from_tensors(label: str, tensors: dict[str, np.ndarray], name: str, bac
         raise ValueError(f"{name}.weight_offset: asymmetric weights are not supported (offsets must be zero)")
     if backend == "ascend":
         return spec.ascend_cell_class().from_tensors(tensors, name)
+    if spec.static and np.size(tensors["input_scale"]) == 1:
+        return PerTensorStaticW8A8Linear.from_tensors(tensors)  # the ascend layout
     return spec.cpu_cell_class().from_tensors(tensors)

@@ -425,15 +425,22 @@ def _cells(naming: str, kind: str, layer: int | None) -> tuple[str, ...]:
     return tuple((prefix.format(L=layer) if layer is not None else "") + n for n in table[kind])
 
 
-def from_golden_stick(policy: Any, *, config: ModelConfig | None = None, names: str = "auto",
-                      name: str = "from-golden-stick") -> tuple[Recipe, list[str]]:
-    """Translate a Golden-Stick policy (dict, PTQConfig-like object, YAML path or YAML text) into a Recipe.
+def from_golden_stick(policy: Any, layer_policies: Any = None, *, config: ModelConfig | None = None,
+                      names: str = "auto", name: str = "from-golden-stick") -> tuple[Recipe, list[str]]:
+    """Translate a Golden-Stick policy (dict, PTQConfig object, YAML path or YAML text) into a Recipe.
 
+    ``layer_policies``: GS's ``PTQ(config, layer_policies)`` second argument, an ordered ``{regex: PTQConfig}``
+    (for a ``mindspore_gs.ptq.PTQConfig`` ``policy``, which has no such field; a dict or YAML policy carries them).
     ``config`` is the model the GS semantics are evaluated on (default: DeepSeek-R1); ``names`` is which
     MindFormers cell names the policy's regexes and blacklist were written for: research, mcore or auto.
     Returns the recipe and the notes (every feature without an exact equivalent, and every GS surprise).
     """
     source, raw, lines = _read(policy)
+    if layer_policies is not None:
+        raw = dict(_as_mapping(raw, PTQ_FIELDS + tuple(INNER_KNOBS)) or {})
+        if "layer_policies" in raw:
+            raise RecipeError(f"{source}: layer_policies given twice (in the policy and as an argument)")
+        raw["layer_policies"] = layer_policies
     net, policies, inner = _PolicyReader(source, lines).policy(raw)
     config = config or ModelConfig()
     naming = _pick_naming(names, config, net, policies)

@@ -3,6 +3,7 @@
     make_model(out_dir, size="tiny")                 # float32, exact (parity tests)
     make_model(out_dir, size="tiny", dtype="bf16")   # bfloat16 roundings of the same weights
     make_model(out_dir, size="tiny", fp8=True)       # R1 release format: FP8 blocks + weight_scale_inv, rest bf16
+    make_model(out_dir, size="r1", overrides={"num_hidden_layers": 2})  # R1 itself (goldstick.testing.r1_model)
     default_model_path("tiny")                       # the f32 tiny model, built once into a cache folder
 
 A model directory holds ``config.json`` (``ModelConfig.to_dict()`` plus R1's extra keys; ``quantization_config``
@@ -50,40 +51,24 @@ import numpy as np
 
 from goldstick.io.writer import ShardedWriter, write_json_atomic
 from goldstick.model.architecture import fp8_linear
-from goldstick.model.config import ModelConfig
+from goldstick.model.config import ConfigError, ModelConfig
 from goldstick.model.tokenizer import CORPUS_PATH, train_tokenizer
 from goldstick.quant.fp8 import quantize_fp8_blocks
-from goldstick.testing.synthetic import SIZES, TOKENIZER_VOCAB, WeightBuilder, size_config
+from goldstick.testing.r1_model import make_r1_model
+from goldstick.testing.synthetic import (
+    GENERATION_CONFIG,
+    R1_FP8_QUANTIZATION_CONFIG,
+    SIZES,
+    TOKENIZER_VOCAB,
+    WeightBuilder,
+    parameter_counts,
+    size_config,
+    tensor_shapes,
+)
 
 CONTENT_VERSION = 2  # bump when the generated weights change on purpose
 
-R1_FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                              "weight_block_size": [128, 128]}
-GENERATION_CONFIG = {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "do_sample": True,
-                     "temperature": 0.6, "top_p": 0.95}
 DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16}
-
-
-# ---- tensor plan ---------------------------------------------------------------------------------------------
-def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the checkpoint (FP8 scales excluded) in writing order: embed, layers, norm, head, MTP."""
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size)}
-    for layer in range(cfg.num_hidden_layers):
-        shapes.update(cfg.layer_tensor_shapes(layer))
-    shapes["model.norm.weight"] = (cfg.hidden_size,)
-    shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    for layer in range(cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
-        shapes.update(cfg.mtp_extra_tensor_shapes(layer))
-        shapes.update(cfg.layer_tensor_shapes(layer))
-    return shapes
-
-
-def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
-    shapes = tensor_shapes(cfg)
-    mtp = f"model.layers.{cfg.num_hidden_layers}."
-    total = sum(int(np.prod(s)) for s in shapes.values())
-    mtp_n = sum(int(np.prod(s)) for n, s in shapes.items() if n.startswith(mtp))
-    return {"total": total, "main": total - mtp_n, "mtp": mtp_n}
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
@@ -111,7 +96,7 @@ def _stored_bytes(cfg: ModelConfig, fp8: bool, dtype) -> int:
 
 def make_model(out_dir: str | Path, size: str = "tiny", fp8: bool = False, max_shard_bytes: int | None = None,
                seed: int = 0, dtype: str | None = None, overwrite: bool = False,
-               overrides: dict | None = None) -> Path:
+               overrides: dict | None = None, progress: bool = False) -> Path:
     """Write a deterministic DeepSeek-V3-architecture checkpoint of ``size`` into ``out_dir``; returns the path.
 
     ``overrides`` replaces config fields of the size (e.g. ``{"hidden_size": 7168, "moe_intermediate_size": 2048}``
@@ -122,6 +107,11 @@ def make_model(out_dir: str | Path, size: str = "tiny", fp8: bool = False, max_s
     directory is built next to ``out_dir`` and renamed into place when complete; ``out_dir`` must not exist or be
     empty (or pass ``overwrite=True``).
     """
+    if size == "r1":  # R1's real size: FP8 as released, generated and written streaming (goldstick.testing.r1_model)
+        if dtype not in (None, "bf16"):
+            raise ValueError("--size r1 is written as the release is: FP8 linears, everything else bf16")
+        return make_r1_model(out_dir, overrides=overrides, seed=seed, max_shard_bytes=max_shard_bytes,
+                             overwrite=overwrite, progress=progress)
     dtype = dtype or ("bf16" if fp8 else "f32")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -133,7 +123,7 @@ def make_model(out_dir: str | Path, size: str = "tiny", fp8: bool = False, max_s
     if overrides:
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cfg)})
         if unknown:
-            raise ValueError(f"make_model overrides: {', '.join(unknown)} are not DeepSeek-V3 config fields")
+            raise ConfigError(f"make_model overrides: {', '.join(unknown)} are not DeepSeek-V3 config fields")
         cfg = dataclasses.replace(cfg, **overrides)
         cfg.validate(source=f"make_model overrides {overrides}")  # refuse now, not after writing gigabytes
     cfg.torch_dtype = "float32" if dtype == "f32" and not fp8 else "bfloat16"
@@ -221,7 +211,9 @@ def add_make_model_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("make-model", help="write a small deterministic DeepSeek-V3-architecture checkpoint",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--size", choices=(*SIZES, "r1"), default="tiny",
+                   help="tiny, wide, or r1: DeepSeek-R1's exact architecture and release layout (FP8, ~5 GB shards; "
+                        "slice it with --set num_hidden_layers=2 --set n_routed_experts=16 ...)")
     p.add_argument("--fp8", action="store_true", help="R1 release format: FP8 block weights + weight_scale_inv")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="storage of the non-FP8 tensors (default f32, or bf16 with --fp8)")
@@ -247,7 +239,8 @@ def run_make_model(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty (add --overwrite to replace it)")
     path = make_model(args.out, size=args.size, fp8=args.fp8, max_shard_bytes=shard, seed=args.seed,
-                      dtype=args.dtype, overwrite=args.overwrite, overrides=overrides or None)
+                      dtype=args.dtype, overwrite=args.overwrite, overrides=overrides or None,
+                      progress=args.size == "r1")
     info = json.loads((path / "make_model.json").read_text())
     print(f"wrote {path} ({args.size}, {info['parameters']['total']:,} parameters)")
     return 0

@@ -94,6 +94,34 @@ MASSIVE_READ = 0.1  # a massive channel contributes like a tenth of an ordinary 
 PLANTED_WRITE = 0.01  # o_proj/down_proj rows into the massive and offset channels are damped by this factor
 
 
+R1_FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                              "weight_block_size": [128, 128]}
+GENERATION_CONFIG = {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "do_sample": True,
+                     "temperature": 0.6, "top_p": 0.95}
+
+
+# ---- tensor plan ---------------------------------------------------------------------------------------------
+def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the checkpoint (FP8 scales excluded) in writing order: embed, layers, norm, head, MTP."""
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size)}
+    for layer in range(cfg.num_hidden_layers):
+        shapes.update(cfg.layer_tensor_shapes(layer))
+    shapes["model.norm.weight"] = (cfg.hidden_size,)
+    shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for layer in range(cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
+        shapes.update(cfg.mtp_extra_tensor_shapes(layer))
+        shapes.update(cfg.layer_tensor_shapes(layer))
+    return shapes
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    shapes = tensor_shapes(cfg)
+    mtp = f"model.layers.{cfg.num_hidden_layers}."
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    mtp_n = sum(int(np.prod(s)) for n, s in shapes.items() if n.startswith(mtp))
+    return {"total": total, "main": total - mtp_n, "mtp": mtp_n}
+
+
 def _yarn() -> dict:
     return {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "mscale": 1.0,
             "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
@@ -153,7 +181,7 @@ class Planted:
         return sorted(set(self.massive) | set(self.offset))
 
 
-def _rng(seed: int, name: str) -> np.random.Generator:
+def tensor_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(name.encode())])))
 
 
@@ -171,7 +199,7 @@ def massive_token_ids() -> dict[int, str]:
 
 
 def plant_outliers(cfg: ModelConfig, seed: int) -> Planted:
-    rng = _rng(seed, "planted-outliers")
+    rng = tensor_rng(seed, "planted-outliers")
     h = cfg.hidden_size
     wide = h > 512
     n_massive, n_offset = N_MASSIVE[wide], N_OFFSET[wide]
@@ -182,12 +210,12 @@ def plant_outliers(cfg: ModelConfig, seed: int) -> Planted:
     layers = range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
 
     def pick(pool, gains, key):
-        r = _rng(seed, key)
+        r = tensor_rng(seed, key)
         return {int(c): float(g) for c, g in zip(r.choice(pool, size=len(gains), replace=False), gains)}
 
     def input_gains(i):
         # every offset channel is amplified (gains shuffled per layer), plus a few zero-mean channels
-        order = _rng(seed, f"in-offset-gain-{i}").permutation(len(offset_ch))
+        order = tensor_rng(seed, f"in-offset-gain-{i}").permutation(len(offset_ch))
         gains = {offset_ch[j]: float(g) for j, g in zip(order, INPUT_GAINS_OFFSET)}
         gains.update(pick(rest, INPUT_GAINS_PLAIN, f"in-gain-{i}"))
         return gains
@@ -232,14 +260,14 @@ def _rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
 def attention(cfg: ModelConfig, w: dict, p: str, x: np.ndarray) -> np.ndarray:
     """MLA on x [B, T, H] -> attention output before o_proj [B, T, n*v]."""
     b, t, _ = x.shape
-    scores, v = _attention_scores(cfg, w, p, x)
+    scores, v = attention_scores(cfg, w, p, x)
     scores = scores + np.triu(np.full((t, t), -np.inf, np.float32), 1)
     scores = np.exp(scores - scores.max(-1, keepdims=True))
     scores /= scores.sum(-1, keepdims=True)
     return (scores @ v).transpose(0, 2, 1, 3).reshape(b, t, cfg.num_attention_heads * cfg.v_head_dim)
 
 
-def _score_spread(scores: np.ndarray) -> float:
+def score_spread(scores: np.ndarray) -> float:
     """Typical spread of one query's attention logits over the keys it sees (causal), averaged over queries."""
     t = scores.shape[-1]
     causal = np.tril(np.ones((t, t), bool))
@@ -249,7 +277,7 @@ def _score_spread(scores: np.ndarray) -> float:
     return float(np.mean(np.sqrt(var[..., t // 4:])))
 
 
-def _attention_scores(cfg: ModelConfig, w: dict, p: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def attention_scores(cfg: ModelConfig, w: dict, p: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MLA attention logits [B, n, T, T] (scaled, unmasked) and values [B, n, T, v] for x [B, T, H]."""
     b, t, _ = x.shape
     n, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -267,7 +295,7 @@ def _attention_scores(cfg: ModelConfig, w: dict, p: str, x: np.ndarray) -> tuple
     return scores * np.float32(cfg.softmax_scale), v
 
 
-def _mlp_hidden(w: dict, p: str, x: np.ndarray) -> np.ndarray:
+def mlp_hidden(w: dict, p: str, x: np.ndarray) -> np.ndarray:
     return _silu(x @ w[f"{p}.gate_proj.weight"].T) * (x @ w[f"{p}.up_proj.weight"].T)
 
 
@@ -283,9 +311,9 @@ def _moe_parts(cfg: ModelConfig, w: dict, p: str, x: np.ndarray) -> tuple[np.nda
         tok, slot = np.nonzero(ids == e)
         if tok.size:
             ep = f"{p}.mlp.experts.{e}"
-            y = _mlp_hidden(w, ep, x[tok]) @ w[f"{ep}.down_proj.weight"].T
+            y = mlp_hidden(w, ep, x[tok]) @ w[f"{ep}.down_proj.weight"].T
             np.add.at(routed, tok, y * weights[tok, slot, None])
-    shared = _mlp_hidden(w, f"{p}.mlp.shared_experts", x) @ w[f"{p}.mlp.shared_experts.down_proj.weight"].T
+    shared = mlp_hidden(w, f"{p}.mlp.shared_experts", x) @ w[f"{p}.mlp.shared_experts.down_proj.weight"].T
     return routed, shared, ids
 
 
@@ -296,7 +324,7 @@ ROUTER_LOGIT_STD = 1.0
 BIGRAM_FRACTION = 0.375  # share of the hidden channels carrying the bigram factors (96 of 256, 384 of 1024)
 
 
-def _round3(x: float) -> float:
+def round3(x: float) -> float:
     return float(f"{x:.3g}")
 
 
@@ -314,7 +342,7 @@ class WeightBuilder:
 
     # -- random helpers
     def normal(self, name: str, shape, std: float = 1.0) -> np.ndarray:
-        return _rng(self.seed, name).standard_normal(shape, dtype=np.float32) * np.float32(std)
+        return tensor_rng(self.seed, name).standard_normal(shape, dtype=np.float32) * np.float32(std)
 
     def norm_weight(self, name: str, size: int, gains: dict[int, float] | None = None) -> np.ndarray:
         w = 1.0 + self.normal(name, (size,), 0.05)
@@ -351,9 +379,9 @@ class WeightBuilder:
         return np.array([[bos] + stream[i * step: i * step + length - 1] for i in range(n_seq)], dtype=np.int64)
 
     # -- embeddings from bigram statistics
-    def embeddings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(embed_tokens [V,H], bigram factors Y [V,r] for lm_head, unigram log-prob [V])."""
-        cfg = self.cfg
+    def bigram_factors(self, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The corpus' smoothed bigram log-probabilities factored at ``rank``: (X [n,r] for embed_tokens, Y [n,r] for
+        lm_head, unigram log-prob [n], which tokens occur [n]) over the tokenizer's n tokens."""
         tok = build_tokenizer(TOKENIZER_VOCAB)
         n_tok = tok.get_vocab_size()
         counts = np.zeros((n_tok, n_tok), np.float64)
@@ -370,12 +398,19 @@ class WeightBuilder:
         logp -= logp.mean(1, keepdims=True)
         unigram = logp.mean(0)
         resid = logp - unigram[None, :]
-        r = int(round(BIGRAM_FRACTION * self.h))
-        u, s, vt = _truncated_svd(resid, r, _rng(self.seed, "bigram-svd"))
+        u, s, vt = truncated_svd(resid, rank, tensor_rng(self.seed, "bigram-svd"))
         x = u * np.sqrt(s)
         y = vt.T * np.sqrt(s)
         cx = np.sqrt(np.mean(x[row[:, 0] > 0] ** 2))  # unit rms over tokens that occur
-        x, y = x / cx, y * cx
+        self.report["bigram"] = {"rank": rank, "singular_value_share": float((s ** 2).sum() / (resid ** 2).sum())}
+        return x / cx, y * cx, unigram, row[:, 0] > 0
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(embed_tokens [V,H], bigram factors Y [V,r] for lm_head, unigram log-prob [V])."""
+        cfg = self.cfg
+        n_tok = build_tokenizer(TOKENIZER_VOCAB).get_vocab_size()
+        r = int(round(BIGRAM_FRACTION * self.h))
+        x, y, unigram, _ = self.bigram_factors(r)
         emb = self.normal("model.embed_tokens.weight", (cfg.vocab_size, self.h), 1.0)
         self.bigram_channels = self.ordinary[:r]
         emb[:n_tok, self.bigram_channels] = x.astype(np.float32)
@@ -390,7 +425,6 @@ class WeightBuilder:
         y_full[:n_tok] = y
         uni_full = np.full(cfg.vocab_size, -30.0, np.float32)  # rows past the tokenizer: never predicted
         uni_full[:n_tok] = unigram
-        self.report["bigram"] = {"rank": r, "singular_value_share": float((s ** 2).sum() / (resid ** 2).sum())}
         return emb, y_full, uni_full
 
     # -- one decoder layer
@@ -421,11 +455,11 @@ class WeightBuilder:
         target = SUBLAYER_SCALE * self._typical(hidden)
         x = rmsnorm(hidden, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
         if ATTENTION_SPREAD:  # queries scaled so attention is as peaked as in a trained model
-            f = _round3(ATTENTION_SPREAD / _score_spread(_attention_scores(cfg, w, a, x)[0]))
+            f = round3(ATTENTION_SPREAD / score_spread(attention_scores(cfg, w, a, x)[0]))
             w[f"{a}.q_b_proj.weight"] *= np.float32(f)
-            stats["attention_spread"] = round(_score_spread(_attention_scores(cfg, w, a, x)[0]), 3)
+            stats["attention_spread"] = round(score_spread(attention_scores(cfg, w, a, x)[0]), 3)
         attn = attention(cfg, w, a, x) @ w[f"{a}.o_proj.weight"].T
-        f = _round3(target / self._typical(attn))
+        f = round3(target / self._typical(attn))
         w[f"{a}.o_proj.weight"] *= np.float32(f)
         hidden = hidden + attn * np.float32(f)
 
@@ -436,7 +470,7 @@ class WeightBuilder:
         if cfg.is_moe_layer(layer):
             m = f"{p}.mlp"
             gate = self.reads_residual(self.linear(f"{m}.gate.weight", cfg.n_routed_experts, self.h))
-            gate *= np.float32(_round3(ROUTER_LOGIT_STD / float(np.std(flat @ gate.T))))
+            gate *= np.float32(round3(ROUTER_LOGIT_STD / float(np.std(flat @ gate.T))))
             w[f"{m}.gate.weight"] = gate
             w[f"{m}.gate.e_score_correction_bias"] = self.normal(f"{m}.gate.e_score_correction_bias",
                                                                  (cfg.n_routed_experts,), 0.02)
@@ -453,10 +487,10 @@ class WeightBuilder:
             downs.append(f"{m}.shared_experts.down_proj.weight")
         else:
             self._mlp_weights(w, f"{p}.mlp", cfg.intermediate_size)
-            out = _mlp_hidden(w, f"{p}.mlp", flat) @ w[f"{p}.mlp.down_proj.weight"].T
+            out = mlp_hidden(w, f"{p}.mlp", flat) @ w[f"{p}.mlp.down_proj.weight"].T
             out = out.reshape(hidden.shape)
             downs = [f"{p}.mlp.down_proj.weight"]
-        f = _round3(target / self._typical(out))
+        f = round3(target / self._typical(out))
         for name in downs:
             w[name] *= np.float32(f)
         hidden = hidden + out * np.float32(f)
@@ -500,19 +534,23 @@ class WeightBuilder:
         head reads them as a bias, with weights fitted (least squares over the statistics tokens) so that their
         combination is 1 on every token.
         """
+        head = self.normal(name, (self.cfg.vocab_size, self.h), 0.02 / np.sqrt(self.h))
+        gain, coef = self.head_fit(hidden, final_norm)
+        head[:, self.bigram_channels] = y * gain[None, :]
+        head[:, self.planted.special] = (unigram[:, None] * coef[None, :]).astype(np.float32)
+        return head
+
+    def head_fit(self, hidden, final_norm) -> tuple[np.ndarray, np.ndarray]:
+        """lm_head's gains on the bigram channels [r] and its least-squares weights on the planted channels."""
         x = rmsnorm(hidden, final_norm, self.cfg.rms_norm_eps).reshape(-1, self.h)
         rms = np.sqrt(np.mean(hidden ** 2, axis=-1))
-        head = self.normal(name, (self.cfg.vocab_size, self.h), 0.02 / np.sqrt(self.h))
-        bc = self.bigram_channels
-        head[:, bc] = y * (float(np.median(rms)) / final_norm[bc])[None, :]
-        sc = np.array(self.planted.special)
-        xs = x[:, sc].astype(np.float64)
+        gain = float(np.median(rms)) / final_norm[self.bigram_channels]
+        xs = x[:, np.array(self.planted.special)].astype(np.float64)
         coef = np.linalg.lstsq(xs, np.ones(len(xs)), rcond=None)[0]
-        coef = np.array([_round3(c) for c in coef])
-        head[:, sc] = (unigram[:, None] * coef[None, :]).astype(np.float32)
+        coef = np.array([round3(c) for c in coef])
         fit = xs @ coef
         self.report["unigram_carrier"] = {"mean": round(float(fit.mean()), 4), "std": round(float(fit.std()), 4)}
-        return head
+        return gain, coef
 
     def mtp_layer(self, layer, emb, hidden, head, final_norm) -> Iterator[tuple[str, np.ndarray]]:
         cfg, p = self.cfg, f"model.layers.{layer}"
@@ -529,9 +567,9 @@ class WeightBuilder:
             eh[:, self.h + c] *= 0.01
             eh[c, :] = 0.0
         out = both @ eh.T
-        eh[self.ordinary] *= np.float32(_round3(1.0 / self._typical(out)))
+        eh[self.ordinary] *= np.float32(round3(1.0 / self._typical(out)))
         for c in self.planted.special:
-            eh[c, c] = np.float32(_round3(float(np.mean(emb[nxt][..., c])) / float(np.mean(e_in[..., c]))))
+            eh[c, c] = np.float32(round3(float(np.mean(emb[nxt][..., c])) / float(np.mean(e_in[..., c]))))
         x = both @ eh.T
         yield f"{p}.embed_tokens.weight", emb
         yield f"{p}.enorm.weight", enorm
@@ -543,7 +581,7 @@ class WeightBuilder:
         yield f"{p}.shared_head.head.weight", head
 
 
-def _truncated_svd(a: np.ndarray, rank: int, rng: np.random.Generator, iters: int = 3):
+def truncated_svd(a: np.ndarray, rank: int, rng: np.random.Generator, iters: int = 3):
     """Randomized SVD (range finder with power iterations): a ~ u @ diag(s) @ vt."""
     omega = rng.standard_normal((a.shape[1], rank + 16))
     q, _ = np.linalg.qr(a @ omega)
