@@ -125,8 +125,10 @@ class Phases:
         self.walls: dict[int, float] = {}
         self.stack: list[list] = []  # [phase, started, child time]
 
-    def wrap(self, owner, attr: str, phase: str) -> None:
-        original = getattr(owner, attr)
+    def wrap(self, owner, attr: str, phase: str, source=None) -> None:
+        """Time ``owner.attr`` as ``phase`` (the original taken from ``source``, default ``owner``: a function
+        another module imported by name)."""
+        original = getattr(source or owner, attr)
 
         def timed(*args, **kwargs):
             self.stack.append([phase, time.perf_counter(), 0.0])
@@ -177,19 +179,8 @@ def layer_path(model: Path, out: Path, samples: int, seq_len: int, grid: int | N
             name, started, inner = phases.stack.pop()
             phases.times[index][name] += time.perf_counter() - started - inner
     layer.LayerQuantizer.__init__ = init
-    map_original = weight_units.quantize_weights
-
-    def weights(*args, **kwargs):  # executor.map included (units on processes)
-        phases.stack.append(["weight quantization", time.perf_counter(), 0.0])
-        try:
-            return map_original(*args, **kwargs)
-        finally:
-            name, started, inner = phases.stack.pop()
-            spent = time.perf_counter() - started
-            phases.times[phases.layer][name] += spent - inner
-            if phases.stack:
-                phases.stack[-1][2] += spent
-    layer.quantize_weights = weights
+    # executor.map included (units on processes)
+    phases.wrap(layer, "quantize_weights", "weight quantization", source=weight_units)
     started = time.time()
     reset_peak()
     goldstick.quantize(model, recipe, out=out, calib_samples=samples, calib_seq_len=seq_len, progress=False)
