@@ -140,15 +140,36 @@ def test_float32_rows_kernel_equals_the_numpy_loop(monkeypatch):
             assert np.array_equal(q, rq) and np.array_equal(s, rs)
 
 
-def test_all_finite():
+def test_all_finite(monkeypatch):
     rng = np.random.default_rng(0)
-    for dtype in (BF16, np.float32):
-        a = rng.standard_normal((64, 300)).astype(dtype)
-        assert kernels.all_finite(a) and kernels.all_finite(a[:, 1:])  # a strided view too
-        for bad in (np.inf, -np.inf, np.nan):
-            b = a.copy()
-            b[63, 299] = bad
-            assert not kernels.all_finite(b)
+    for chunk in (kernels.FINITE_CHUNK, 7):  # one step, and many (a value in the last, partial one)
+        monkeypatch.setattr(kernels, "FINITE_CHUNK", chunk)
+        for dtype in (BF16, np.float32):
+            a = rng.standard_normal((64, 300)).astype(dtype)
+            assert kernels.all_finite(a) and kernels.all_finite(a[:, 1:])  # a strided view too
+            assert kernels.all_finite(a[:0])
+            for bad in (np.inf, -np.inf, np.nan):
+                for where in ((63, 299), (0, 0), (31, 150)):
+                    b = a.copy()
+                    b[where] = bad
+                    assert not kernels.all_finite(b)
+
+
+def test_numba_is_imported_by_the_first_kernel_only():
+    """A process that runs no kernel (the layer path) does not load numba; all_finite is numpy."""
+    code = """
+import sys
+import ml_dtypes
+import numpy as np
+from goldstick.quant import kernels
+assert kernels.AVAILABLE and "numba" not in sys.modules
+assert kernels.all_finite(np.ones((300, 7), ml_dtypes.bfloat16)) and "numba" not in sys.modules
+q = kernels.quantize_rows(np.ones((2, 3), np.float32), np.ones(2, np.float32), -127)
+assert (q == 1).all() and "numba" in sys.modules
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_without_numba_the_numpy_code_runs():

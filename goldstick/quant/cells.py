@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from goldstick.model.network import unflatten
 from goldstick.quant.schemes import LABEL_TO_SCHEME, SCHEMES, W8A8_DYNAMIC, W8A8_STATIC, W8A16, quantized_by_label
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -108,7 +109,7 @@ class W8A16Linear(ScaledWeightLinear):
 
     def construct(self, x: Tensor) -> Tensor:
         flat, lead = self._flat(x)
-        return self.matmul(flat, self.weight_as_float()).reshape(*lead, self.out_features)
+        return unflatten(self.matmul(flat, self.weight_as_float()), lead)
 
 
 class StaticW8A8Linear(QuantLinearBase):
@@ -160,7 +161,7 @@ class StaticW8A8Linear(QuantLinearBase):
         y = self.matmul(self.quantize_input(flat), self.weight_as_float()).asnumpy()
         np.add(y, self.quant_bias.asnumpy().astype(np.float32), out=y)  # broadcasts: on the host (see above)
         np.multiply(y, self.deq_scale.asnumpy(), out=y)
-        return Tensor.from_numpy(y).reshape(*lead, self.out_features)
+        return Tensor.from_numpy(y.reshape(*lead, self.out_features))
 
 
 def quantv2_multiplier(input_scale) -> np.ndarray:
@@ -236,7 +237,7 @@ class DynamicW8A8Linear(ScaledWeightLinear):
         y = self.matmul(Tensor.from_numpy(q), self.weight_as_float()).asnumpy()
         np.multiply(y, token_scale, out=y)
         np.multiply(y, self.weight_scale.asnumpy(), out=y)
-        return Tensor.from_numpy(y).reshape(*lead, self.out_features)
+        return Tensor.from_numpy(y.reshape(*lead, self.out_features))
 
 
 def replace_cell(root: nn.Cell, path: str, cell: nn.Cell, full_name: str | None = None) -> None:

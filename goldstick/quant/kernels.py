@@ -12,15 +12,18 @@ The numpy reference makes many full passes over a float32 copy of a weight: FP8 
                        clip -> int8, in one pass
     fp8_to_bf16        code -> the same float32 product -> bf16 (round to nearest even), for FP8 tensors kept float
     quantize_rows      the divide -> int8 pass alone, for a float32 weight (BF16/F32 sources)
-    all_finite         a bit test for bf16 arrays (faster than ml_dtypes' isfinite)
 
-The values are the numpy reference's exactly (tests/test_kernels.py). Compiled once per machine (``cache=True``:
-goldstick/__pycache__), single-threaded, since the executor already runs one process per core. Without numba (not
-installed, or failing to import) ``AVAILABLE`` is False and the numpy code below runs instead, giving the same
-values.
+The values are the numpy reference's exactly (tests/test_kernels.py). The kernels themselves are
+goldstick.quant.numba_kernels, imported on the first call that needs one: importing numba and loading its cached
+code costs over 100 MB of RSS, which a process that never runs a kernel (the layer path on a float checkpoint) does
+not pay. ``AVAILABLE`` says numba is installed; without it (or when it fails to import, a broken llvmlite: found on
+first use, which sets ``AVAILABLE`` False) the numpy code below runs instead, giving the same values.
+``all_finite`` is a numpy bit test, no kernel.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import ml_dtypes
 import numpy as np
@@ -28,98 +31,21 @@ import numpy as np
 from goldstick.quant import numerics
 from goldstick.quant.fp8 import BLOCK, FP8_TO_F32
 
-try:
-    import numba
-except Exception:  # not installed, or a broken llvmlite: the numpy code gives the same values, slower
-    numba = None
-
-AVAILABLE = numba is not None
+AVAILABLE = importlib.util.find_spec("numba") is not None  # installed; imported by _kernels() on first use
 
 
-def _jit(fn):
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
-
-
-@_jit
-def _fp8_row_absmax(codes, scale_inv, lut, out):
-    """out[r] = max_k |LUT[codes[r, k]] * scale_inv[r // 128, k // 128]| (float32), NaN if any product is not
-    finite (a NaN code, a NaN/inf scale, an overflow)."""
-    rows, cols = codes.shape
-    for r in range(rows):
-        row, srow = codes[r], scale_inv[r // 128]
-        best = np.float32(0.0)
-        bad = False
-        for b in range((cols + 127) // 128):
-            block = row[b * 128:b * 128 + 128]  # loops from 0 over slices: numba's indexing then vectorizes
-            m = np.uint8(0)
-            for k in range(block.shape[0]):
-                c = np.uint8(block[k] << np.uint8(1))  # drops the sign bit; a uint8 max vectorizes
-                m = c if c > m else m
-            v = lut[m >> np.uint8(1)] * abs(srow[b])
-            if not np.isfinite(v):
-                bad = True
-            elif v > best:
-                best = v
-        out[r] = np.float32(np.nan) if bad else best
-
-
-@_jit
-def _decode_row(row, srow, bits, f):
-    """f[k] = LUT[row[k]] * srow[k // 128] as float32, the product fp8.py makes, with no table lookup (a gather
-    does not vectorize). ``f`` is ``bits`` viewed as float32. NaN codes must have been ruled out."""
-    for k in range(row.shape[0]):  # |value| of a normal code (exponent field e >= 1): 2^(e-7) (1 + m/8)
-        bits[k] = ((np.uint32(row[k]) & np.uint32(0x7F)) << np.uint32(20)) + np.uint32(120 << 23)
-    for b in range((row.shape[0] + 127) // 128):
-        sc, codes, values = srow[b], row[b * 128:b * 128 + 128], f[b * 128:b * 128 + 128]
-        for k in range(codes.shape[0]):
-            c, m = codes[k], values[k]
-            if (c & np.uint8(0x78)) == np.uint8(0):  # e = 0: 2 * 2^-7 (1 + m/8) - 2^-6 = m 2^-9, exactly
-                m = m * np.float32(2.0) - np.float32(1.0 / 64)
-            values[k] = (-m if c >= np.uint8(128) else m) * sc
-
-
-@_jit
-def _quantize_fp8(codes, scale_inv, row_scale, low, out):
-    rows, cols = codes.shape
-    bits = np.empty(cols, np.uint32)
-    f = bits.view(np.float32)
-    for r in range(rows):
-        _decode_row(codes[r], scale_inv[r // 128], bits, f)
-        d, q = np.float64(row_scale[r]), out[r]
-        for k in range(cols):
-            q[k] = np.int8(min(max(np.rint(np.float64(f[k]) / d), low), 127.0))
-
-
-@_jit
-def _fp8_to_bf16(codes, scale_inv, out):
-    """out: the bf16 bits (uint16) of the decoded float32 values, rounded to nearest even as ml_dtypes does
-    (the values are finite)."""
-    rows, cols = codes.shape
-    bits = np.empty(cols, np.uint32)
-    f = bits.view(np.float32)
-    for r in range(rows):
-        _decode_row(codes[r], scale_inv[r // 128], bits, f)
-        o = out[r]
-        for k in range(cols):
-            u = bits[k]
-            o[k] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
-@_jit
-def _quantize_rows(w, row_scale, low, out):
-    rows, cols = w.shape
-    for r in range(rows):
-        d, q, row = np.float64(row_scale[r]), out[r], w[r]
-        for k in range(cols):
-            q[k] = np.int8(min(max(np.rint(np.float64(row[k]) / d), low), 127.0))
-
-
-@_jit
-def _count_nonfinite_bf16(bits):
-    n = 0
-    for k in range(bits.shape[0]):
-        n += (bits[k] & np.uint16(0x7F80)) == np.uint16(0x7F80)
-    return n
+def _kernels():
+    """goldstick.quant.numba_kernels (numba imported, on the first call), or None: numba is not installed or
+    fails to import (then ``AVAILABLE`` becomes False), and the caller runs the numpy code."""
+    global AVAILABLE
+    if not AVAILABLE:
+        return None
+    try:
+        from goldstick.quant import numba_kernels
+    except Exception:  # a broken llvmlite: the numpy code gives the same values, slower
+        AVAILABLE = False
+        return None
+    return numba_kernels
 
 
 def row_scales(absmax: np.ndarray, mode: str) -> np.ndarray:
@@ -130,24 +56,28 @@ def row_scales(absmax: np.ndarray, mode: str) -> np.ndarray:
 def quantize_rows(w: np.ndarray, scale: np.ndarray, low: int) -> np.ndarray:
     """int8 ``clip(rint(float64(w) / float64(scale[:, None])), low, 127)`` for a float32 [out, in] weight, in one
     pass (without numba: ``numerics.quantize_rows``, the same values)."""
-    if not AVAILABLE:
+    kernels = _kernels()
+    if kernels is None:
         return numerics.quantize_rows(w, scale, low)
     q = np.empty(w.shape, np.int8)
-    _quantize_rows(w, scale, float(low), q)
+    kernels.quantize_rows(w, scale, float(low), q)
     return q
 
 
 def _fp8_checked(codes: np.ndarray, scale_inv: np.ndarray):
-    """(contiguous uint8 codes, float32 scales, row absmax) when the fused kernels apply and every value is finite,
-    else None."""
+    """(kernels, contiguous uint8 codes, float32 scales, row absmax) when the fused kernels apply and every value is
+    finite, else None."""
     rows, cols = codes.shape
-    if not AVAILABLE or scale_inv.shape != (-(-rows // BLOCK), -(-cols // BLOCK)) or not cols:
+    if scale_inv.shape != (-(-rows // BLOCK), -(-cols // BLOCK)) or not cols:
+        return None
+    kernels = _kernels()
+    if kernels is None:
         return None
     codes = np.ascontiguousarray(codes.view(np.uint8))
     scale_inv = np.ascontiguousarray(scale_inv, dtype=np.float32)
     absmax = np.empty(rows, np.float32)
-    _fp8_row_absmax(codes, scale_inv, FP8_TO_F32, absmax)
-    return (codes, scale_inv, absmax) if np.isfinite(absmax).all() else None
+    kernels.fp8_row_absmax(codes, scale_inv, FP8_TO_F32, absmax)
+    return (kernels, codes, scale_inv, absmax) if np.isfinite(absmax).all() else None
 
 
 def quantize_fp8(codes: np.ndarray, scale_inv: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -158,10 +88,10 @@ def quantize_fp8(codes: np.ndarray, scale_inv: np.ndarray, mode: str) -> tuple[n
     checked = _fp8_checked(codes, scale_inv)
     if checked is None:
         return None
-    codes, scale_inv, absmax = checked
+    kernels, codes, scale_inv, absmax = checked
     scale = row_scales(absmax[:, None], mode)
     q = np.empty(codes.shape, np.int8)
-    _quantize_fp8(codes, scale_inv, scale, float(-128 if mode == "gs" else -127), q)
+    kernels.quantize_fp8(codes, scale_inv, scale, float(-128 if mode == "gs" else -127), q)
     return q, scale
 
 
@@ -170,13 +100,25 @@ def fp8_to_bf16(codes: np.ndarray, scale_inv: np.ndarray) -> np.ndarray | None:
     checked = _fp8_checked(codes, scale_inv)
     if checked is None:
         return None
-    out = np.empty(checked[0].shape, np.uint16)
-    _fp8_to_bf16(checked[0], checked[1], out)
+    kernels, codes, scale_inv, _ = checked
+    out = np.empty(codes.shape, np.uint16)
+    kernels.fp8_to_bf16(codes, scale_inv, out)
     return out.view(ml_dtypes.bfloat16)
 
 
+FINITE_CHUNK = 1 << 20  # values per step of all_finite's bit test (a 2 MB buffer)
+
+
 def all_finite(values: np.ndarray) -> bool:
-    """``np.isfinite(values).all()``; for bfloat16 a bit test (faster than ml_dtypes' isfinite)."""
-    if AVAILABLE and values.dtype == ml_dtypes.bfloat16:
-        return _count_nonfinite_bf16(np.ascontiguousarray(values).reshape(-1).view(np.uint16)) == 0
-    return bool(np.isfinite(values).all())
+    """``np.isfinite(values).all()``; for bfloat16 a test of the exponent bits, ``FINITE_CHUNK`` values at a time
+    (several times faster than ml_dtypes' isfinite, and no bool array of the whole tensor)."""
+    if values.dtype != ml_dtypes.bfloat16:
+        return bool(np.isfinite(values).all())
+    bits = np.ascontiguousarray(values).reshape(-1).view(np.uint16)
+    buf = np.empty(min(FINITE_CHUNK, bits.size), np.uint16)
+    for start in range(0, bits.size, FINITE_CHUNK):
+        part = buf[:min(FINITE_CHUNK, bits.size - start)]
+        np.bitwise_and(bits[start:start + len(part)], 0x7F80, out=part)
+        if (part == 0x7F80).any():
+            return False
+    return True

@@ -54,7 +54,6 @@ from goldstick.model.architecture import fp8_linear
 from goldstick.model.config import ConfigError, ModelConfig
 from goldstick.model.tokenizer import CORPUS_PATH, train_tokenizer
 from goldstick.quant.fp8 import quantize_fp8_blocks
-from goldstick.testing.r1_model import make_r1_model
 from goldstick.testing.synthetic import (
     GENERATION_CONFIG,
     R1_FP8_QUANTIZATION_CONFIG,
@@ -110,6 +109,8 @@ def make_model(out_dir: str | Path, size: str = "tiny", fp8: bool = False, max_s
     if size == "r1":  # R1's real size: FP8 as released, generated and written streaming (goldstick.testing.r1_model)
         if dtype not in (None, "bf16"):
             raise ValueError("--size r1 is written as the release is: FP8 linears, everything else bf16")
+        from goldstick.testing.r1_model import make_r1_model  # imports numba: only for this size
+
         return make_r1_model(out_dir, overrides=overrides, seed=seed, max_shard_bytes=max_shard_bytes,
                              overwrite=overwrite, progress=progress)
     dtype = dtype or ("bf16" if fp8 else "f32")
