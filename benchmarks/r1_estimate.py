@@ -8,7 +8,8 @@ moe_intermediate 2048, a few routed experts instead of 256, FP8 blocks as in the
   * read: ``CheckpointReader.read_layer`` seconds per FP8 source byte (mmap, FP8 block dequantization to f32);
   * forward: seconds of the attention block and of each expert call, timed by cell hooks during the float pass
     (the engine's statistics hooks on), and one expert alone at two token counts (per-call overhead + per token);
-  * OS+ search: layer forwards per search and their seconds per token (searches run on ``token_sample`` tokens);
+  * OS+ search: attention forwards per search and their seconds per token (searches run on ``token_sample``
+    tokens; a candidate of the MLA linears runs the attention and the post-attention norm, not the MLP);
   * weight quantization, the quantized pass, tensor export and the work-file write;
   * memory: resident bytes after each phase and the phase's peak, divided by the layer's parameters.
 
@@ -161,21 +162,22 @@ def measure(probe: Path, tokens: int, seq_len: int, token_sample: int, grid: int
         handle.remove()
     out["observe"].update(spent)
 
-    # the OS+ search runs the layer on its sample once per candidate: count those forwards and their tokens
+    # the OS+ search runs the attention (to the MLP's input) on its sample once per candidate, after one float run
+    # for its targets: count those forwards and their tokens
     runs = {"calls": 0, "tokens": 0, "seconds": 0.0}
-    original_run = lq.run
+    original_inputs = lq._mlp_inputs
 
-    def counting_run(inputs, batches=None):
+    def counting_inputs(batches, hidden):
         started = time.perf_counter()
-        result = original_run(inputs, batches)
+        result = original_inputs(batches, hidden)
         runs["calls"] += 1
-        runs["tokens"] += sum(h.shape[0] * h.shape[1] for h in inputs)
+        runs["tokens"] += sum(h.shape[0] * h.shape[1] for h in hidden)
         runs["seconds"] += time.perf_counter() - started
         return result
 
-    lq.run = counting_run
+    lq._mlp_inputs = counting_inputs
     phase("quantize", lambda: lq.quantize(float_outputs))
-    lq.run = original_run
+    lq._mlp_inputs = original_inputs
     out["quantize"]["search"] = runs
     phase("measure", lambda: lq.measure(float_outputs))
     stored, _ = phase("tensors", lambda: lq.tensors())
@@ -243,11 +245,10 @@ def estimate(m: dict, disk_gbps: float) -> dict:
     def dense_pass(tokens: float) -> float:
         return tokens * (attn_tok + dense_row)
 
-    # OS+ search: forwards on token_sample tokens; the probe tells how many layer forwards a search does
+    # OS+ search: attention forwards on token_sample tokens; the probe tells how many a search does
     search = m["quantize"]["search"]
-    forwards_per_grid_point = search["calls"] / m["grid"]  # one layer forward per candidate per search job
+    forwards_per_grid_point = (search["calls"] - 1) / m["grid"]  # one per candidate per search, after the targets
     search_forwards = forwards_per_grid_point * recipe.options.osplus_grid
-    sample_batches = 1
 
     # weight quantization seconds per parameter (quantize phase minus its search forwards)
     quant_sec = max(0.0, m["quantize"]["seconds"] - search["seconds"]) / m["params"]
@@ -265,7 +266,7 @@ def estimate(m: dict, disk_gbps: float) -> dict:
     cpu = {}
     cpu["read (FP8 -> f32)"] = source_bytes * read_sec
     cpu["float pass (observe)"] = n_moe * moe_pass(cal_tokens, batches) + n_dense * dense_pass(cal_tokens)
-    cpu["OS+ search"] = search_forwards * (n_moe * moe_pass(sample, sample_batches) + n_dense * dense_pass(sample))
+    cpu["OS+ search"] = search_forwards * (n_moe + n_dense) * sample * attn_tok
     cpu["quantized pass (measure)"] = cpu["float pass (observe)"]
     cpu["weight quantization"] = total_p * quant_sec
     cpu["export + write"] = total_p * stored_ratio * write_sec
@@ -273,15 +274,15 @@ def estimate(m: dict, disk_gbps: float) -> dict:
     # NPU node: forward FLOPs on 8 devices at the assumed MFU; host work (read, dequant, quantize, write) as measured
     fwd_flops_tok_moe = proj_r1 + score_r1 + 2 * (r1.num_experts_per_tok + r1.n_shared_experts) * expert_params(r1)
     fwd_flops_tok_dense = proj_r1 + score_r1 + 2 * expert_params(r1, r1.intermediate_size)
-    fwd_tokens = 2 * cal_tokens + search_forwards * sample
-    fwd_flops = fwd_tokens * (n_moe * fwd_flops_tok_moe + n_dense * fwd_flops_tok_dense)
+    fwd_flops = (2 * cal_tokens * (n_moe * fwd_flops_tok_moe + n_dense * fwd_flops_tok_dense)
+                 + search_forwards * sample * (n_moe + n_dense) * (proj_r1 + score_r1))
     npu_rate = NPU["devices"] * NPU["fp16_tflops"] * 1e12 * NPU["mfu"]
     # every hooked linear's input goes to the host for min/max (observe pass only): bytes per token per layer
     attn_in = 2 * r1.hidden_size + r1.q_lora_rank + r1.kv_lora_rank + r1.num_attention_heads * r1.v_head_dim
     moe_in = (r1.num_experts_per_tok + r1.n_shared_experts) * (2 * r1.hidden_size + r1.moe_intermediate_size)
     dense_in = 2 * r1.hidden_size + r1.intermediate_size
     stats_bytes = 4 * cal_tokens * (n_moe * (attn_in + moe_in) + n_dense * (attn_in + dense_in))
-    expert_calls = (2 * batches + search_forwards) * n_moe * (r1.n_routed_experts + 1)
+    expert_calls = 2 * batches * n_moe * (r1.n_routed_experts + 1)
     npu = {"forwards (8 NPUs, compute)": fwd_flops / npu_rate,
            "op launches of expert calls": expert_calls * OPS_PER_EXPERT_CALL * NPU["op_launch_us"] * 1e-6,
            "host: statistics of hooked inputs": stats_bytes / (NPU["host_stats_gbps"] * 1e9),
@@ -335,7 +336,7 @@ def report(m: dict, e: dict, disk_gbps: float) -> None:
     print(f"  float pass: attention {o['attention']:.2f} s, {o['expert_calls']} expert calls {o['experts']:.2f} s "
           f"({o['expert_rows']} rows), shared expert {o['shared']:.2f} s")
     s = m["quantize"]["search"]
-    print(f"  OS+ search (grid {m['grid']}, sample {m['token_sample']} tokens): {s['calls']} layer forwards, "
+    print(f"  OS+ search (grid {m['grid']}, sample {m['token_sample']} tokens): {s['calls']} attention forwards, "
           f"{s['tokens']} tokens, {s['seconds']:.2f} s")
     ea = m["expert_alone"]
     print(f"  one expert alone with hooks: {ea['seconds'][0] * 1e3:.1f} ms at {ea['rows'][0]} rows, "
@@ -347,8 +348,8 @@ def report(m: dict, e: dict, disk_gbps: float) -> None:
           f"weight quantization {e['quant_sec'] * 1e9:.1f} s per G params")
     print(f"\nR1: {e['total_params'] / 1e9:.0f} G params in decoder layers (MoE layer {e['moe_params'] / 1e9:.2f} G, "
           f"~{e['moe_bytes'] / gb:.1f} GB FP8, {e['moe_params'] * 4 / gb:.0f} GB as f32), calibration "
-          f"{e['cal_tokens']} tokens in {e['batches']} batches, OS+ search {e['search_forwards']:.0f} layer forwards "
-          f"x {m['token_sample_recipe']} tokens per layer")
+          f"{e['cal_tokens']} tokens in {e['batches']} batches, OS+ search {e['search_forwards']:.0f} attention "
+          f"forwards x {m['token_sample_recipe']} tokens per layer")
     print("\n(b) CPU only, this machine's measured rates (2 vCPU):")
     total = 0.0
     for k, v in e["cpu"].items():

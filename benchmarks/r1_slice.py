@@ -13,10 +13,14 @@ vocab 129280), then:
   ``--calib-samples x --calib-seq-len`` (default 16 x 512) in this process, each layer's wall time split into read
   (checkpoint tensors -> float32, wherever it happens), float pass (statistics pass and the float layer on the token
   sample), OS+ search, quantized pass, weight quantization and write (work file), the rest as other; and the peak RSS
-  of each layer (VmHWM reset at the start of the layer) and of the whole run. ``--osplus-grid N`` replaces the
+  of each layer (VmHWM reset at the start of the layer) and of the whole run (this process; and summed with the
+  weight units' worker processes, sampled). ``--osplus-grid N`` replaces the
   recipe's grid of 20 (the search's time is linear in it: per-candidate seconds are printed);
 * workers: the weight quantization of the MoE layer's experts (the units ``--workers`` spreads) on 1 and 2 local
   processes, with the bytes compared;
+* commands (``--only commands``): ``goldstick quantize deepseek-r1-w8a8-mixed --calib-samples x --calib-seq-len``
+  and ``goldstick quantize deepseek-r1-w8a8-dynamic`` as a user types them (default format), each verified:
+  wall time, peak RSS of the process tree, the MTP tensors kept;
 * streaming path (``--only stream``): ``goldstick quantize`` with deepseek-r1-w8a8-dynamic and deepseek-r1-w8a16
   as commands, against a plain copy of the same files (``cp`` of every file, then ``sync``), with the page cache of
   the source dropped before each (posix_fadvise DONTNEED); peak RSS summed over the process tree, sampled every
@@ -183,11 +187,13 @@ def layer_path(model: Path, out: Path, samples: int, seq_len: int, grid: int | N
     phases.wrap(layer, "quantize_weights", "weight quantization", source=weight_units)
     started = time.time()
     reset_peak()
+    tree = TreeRSS(os.getpid())  # this process and the weight units' worker processes
     goldstick.quantize(model, recipe, out=out, calib_samples=samples, calib_seq_len=seq_len, progress=False)
     phases.end_layer()
     total = time.time() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
-    result = {"seconds": round(total, 1), "peak_rss_gb": round(peak / 1e9, 2), "layers": {}}
+    result = {"seconds": round(total, 1), "peak_rss_gb": round(peak / 1e9, 2),
+              "peak_tree_rss_gb": round(tree.stop() / 1e9, 2), "layers": {}}
     for index, wall in phases.walls.items():
         split = {k: round(v, 1) for k, v in phases.times[index].items()}
         split["other"] = round(wall - sum(v for k, v in phases.times[index].items() if k != "other"), 1)
@@ -242,12 +248,36 @@ def stream_path(model: Path, work: Path) -> dict:
     return out
 
 
+def commands(model: Path, work: Path, samples: int, seq_len: int) -> dict:
+    """The commands a user types on the slice: ``goldstick quantize`` with the default mixed recipe (calibrated: the
+    layer path) and with deepseek-r1-w8a8-dynamic (streamed), default format, each then ``goldstick verify``-ed;
+    whole command, peak RSS of the process tree, and the MTP tensors the output carries."""
+    out = {}
+    for recipe, extra in (("deepseek-r1-w8a8-mixed", ["--calib-samples", str(samples), "--calib-seq-len",
+                                                      str(seq_len)]),
+                          ("deepseek-r1-w8a8-dynamic", [])):
+        folder = work / recipe
+        shutil.rmtree(folder, ignore_errors=True)
+        figures = run([*GOLDSTICK, "quantize", recipe, "--model", str(model), "--out", str(folder), *extra],
+                      work / f"{recipe}.log")
+        verify = subprocess.run([*GOLDSTICK, "verify", str(folder)], capture_output=True, text=True)
+        figures["verify"] = f"exit {verify.returncode}: " + (verify.stdout or verify.stderr).strip().splitlines()[-1]
+        config = json.loads((folder / "config.json").read_text())
+        mtp = f"model.layers.{config['num_hidden_layers']}."
+        names = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        figures["format"] = config.get("quantization_config", {}).get("quant_method")
+        figures["mtp_tensors"] = sum(n.startswith(mtp) for n in names)
+        out[recipe] = figures
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experts", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--work", type=Path, default=Path("/tmp/r1slices"))
-    ap.add_argument("--only", choices=("make", "layers", "workers", "stream"), nargs="+",
-                    default=["make", "layers", "workers", "stream"])
+    ap.add_argument("--only", choices=("make", "layers", "workers", "stream", "commands"), nargs="+",
+                    default=["make", "layers", "workers", "stream", "commands"])
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--osplus-grid", type=int, default=None, help="replace the recipe's OS+ grid (20)")
@@ -277,6 +307,8 @@ def main() -> None:
             row["workers"] = workers_speedup(model)
         if "stream" in args.only:
             row["stream path"] = stream_path(model, work)
+        if "commands" in args.only:
+            row["commands"] = commands(model, work, args.calib_samples, args.calib_seq_len)
         figures[experts] = row
         print(json.dumps({experts: row}, indent=1), flush=True)
         if not args.keep:

@@ -238,6 +238,56 @@ def _moe_layer_quantizer(recipe_name: str, lean: bool, batch_count: int = 3):
                           [embed[b[0]] for b in batches], lean=lean)
 
 
+def test_osplus_candidates_of_the_mla_linears_run_the_attention_only(monkeypatch):
+    """The MLA linears' OS+ candidates are scored on the error of the MLP's input (post-attention norm of the
+    attention half) against the float layer's on the token sample: no candidate runs the MLP, most of an R1 layer's
+    work. (On the embedded model this picks the same thresholds, and writes the same checkpoint, as scoring each
+    candidate on the whole layer's output.)"""
+    lq = _moe_layer_quantizer("deepseek-r1-w8a8-mixed", lean=True)
+    float_outputs = lq.observe(False)
+    float_branch = lq._mlp_inputs(*lq.sample)
+    mlp_runs, searches = [], []
+    feed_forward = type(lq.layer).feed_forward
+    monkeypatch.setattr(type(lq.layer), "feed_forward", lambda self, h: (mlp_runs.append(1), feed_forward(self, h))[1])
+    search = engine_layer.alg.osplus_search_scale
+
+    def spy(shift, lo, hi, x, loss_fn, **kwargs):
+        result = search(shift, lo, hi, x, loss_fn, **kwargs)
+        # the chosen candidate, scored again, and the MLP input it leaves behind
+        best = loss_fn(x, shift, result.scale)
+        branch = lq._mlp_inputs(*lq.sample)
+        searches.append((best, result.losses[result.best_index],
+                         np.mean([np.mean((b - f) ** 2) for b, f in zip(branch, float_branch)])))
+        return result
+    monkeypatch.setattr(engine_layer.alg, "osplus_search_scale", spy)
+    lq.quantize(float_outputs)
+    inside, elsewhere = lq.osplus_candidates()
+    assert len(searches) == inside // lq.recipe.options.osplus_grid == 3 and elsewhere == 0  # q_a+kv_a, q_b, o_proj
+    assert not mlp_runs
+    for best, recorded, branch_error in searches:
+        assert best == recorded == pytest.approx(branch_error, rel=1e-6) and best > 0
+
+
+def test_osplus_candidates_outside_the_attention_run_the_whole_layer(tmp_path, monkeypatch):
+    """A static OS+ linear outside the attention (the shared expert's gate/up, fed by the post-attention norm) is
+    scored on the layer's output: each candidate runs the whole layer, the MLP-input shortcut never."""
+    recipe = tmp_path / "shared-osplus.yaml"
+    recipe.write_text("name: shared-osplus\ndefault: float\nrules:\n"
+                      "  - match: '.*\\.mlp\\.shared_experts\\.(gate_proj|up_proj)'\n"
+                      "    scheme: w8a8-static\n    outlier_suppression: osplus\n"
+                      "options:\n  osplus_grid: 3\n")
+    lq = _moe_layer_quantizer(str(recipe), lean=True)
+    # two searches of their own (the norm also feeds the routed experts: nothing folds into it)
+    assert not lq.attention_only and lq.osplus_candidates() == (0, 6)
+    float_outputs = lq.observe(False)
+    calls = {"layer": 0, "mlp inputs": 0}
+    run, mlp_inputs = lq.run, lq._mlp_inputs
+    monkeypatch.setattr(lq, "run", lambda *a, **k: (calls.__setitem__("layer", calls["layer"] + 1), run(*a, **k))[1])
+    monkeypatch.setattr(lq, "_mlp_inputs", lambda *a: (calls.__setitem__("mlp inputs", 1), mlp_inputs(*a))[1])
+    lq.quantize(float_outputs)
+    assert calls == {"layer": 6, "mlp inputs": 0}
+
+
 def test_projection_inputs_give_the_attention_hooks_statistics(monkeypatch):
     """When only the MLA input projections need statistics (SmoothQuant on the attention inputs), the lean float
     pass computes their inputs without running the attention, and gets exactly the statistics that hooks on the

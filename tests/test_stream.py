@@ -296,6 +296,29 @@ def test_executors_map_in_order():
         get_executor("gpu")
 
 
+def test_local_workers_exit_when_their_driver_is_killed():
+    """A driver SIGKILLed with its pool open (no close, no atexit) leaves no worker process behind."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    code = ("import os, time\nfrom goldstick.engine.executors import LocalExecutor\n"
+            "ex = LocalExecutor(2)\nassert ex.map(abs, [-1, -2, -3]) == [1, 2, 3]\n"
+            "print('ready', flush=True)\ntime.sleep(600)\n")
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "ready"
+        workers = psutil.Process(driver.pid).children(recursive=True)
+        assert len([w for w in workers if "spawn_main" in " ".join(w.cmdline())]) == 2
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    _, alive = psutil.wait_procs(workers, timeout=60)  # each worker checks its parent every second
+    assert not alive
+
+
 def test_threads_give_the_inline_bytes(fp8_model, tmp_path):
     """The streaming units on a thread pool (numba kernels, pread and pwrite release the GIL): same files."""
     one = stream_quantize(fp8_model, "deepseek-r1-w8a16", tmp_path / "inline", executor="inline",
@@ -325,6 +348,35 @@ def test_layer_path_experts_on_local_processes_give_the_same_bytes(fp8_model, la
     out = quantize(fp8_model, "deepseek-r1-w8a8-dynamic", out=tmp_path / "q", path="layers", progress=False,
                    max_shard_bytes=SHARD, executor="local", workers=2, **CALIB).out
     assert all(same_bytes(ref, out).values())  # report.json included: same per-layer errors
+
+
+@pytest.mark.parametrize("fmt", ["ascend", "mindspore"])
+def test_embeddings_and_heads_written_in_row_chunks_give_the_same_bytes(fmt, fp8_model, layer_outputs, tmp_path,
+                                                                         monkeypatch):
+    """The layer path writes the embeddings and heads (main and MTP; R1: 1.85 GB of bf16 each) row chunk by row
+    chunk from the source, in every layout but compressed-tensors: the same checkpoint as writing them whole."""
+    from goldstick.engine import pipeline
+
+    whole = layer_outputs("deepseek-r1-w8a8-dynamic") if fmt == "ascend" else quantize(
+        fp8_model, "deepseek-r1-w8a8-dynamic", out=tmp_path / "whole", path="layers", progress=False,
+        max_shard_bytes=SHARD, export_format=fmt, **CALIB).out
+    chunks = []
+    real_row_chunks = pipeline.row_chunks
+
+    def counted(reader, name):
+        for start, rows in real_row_chunks(reader, name):
+            chunks.append((name, start))
+            yield start, rows
+    monkeypatch.setattr(pipeline, "CHUNKED_BYTES", 1)
+    monkeypatch.setattr(pipeline, "ROW_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(pipeline, "row_chunks", counted)
+    out = quantize(fp8_model, "deepseek-r1-w8a8-dynamic", out=tmp_path / "chunked", path="layers", progress=False,
+                   max_shard_bytes=SHARD, export_format=fmt, **CALIB).out
+    written = {name for name, _ in chunks}
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= written
+    assert any(n.startswith(f"model.layers.{CheckpointReader(fp8_model).config.num_hidden_layers}.") for n in written)
+    assert sum(name == "lm_head.weight" for name, _ in chunks) > 1
+    assert all(same_bytes(whole, out).values())
 
 
 @pytest.mark.slow

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 
@@ -87,6 +89,16 @@ class InlineExecutor(Executor):
             yield fn(unit)
 
 
+def exit_with_parent(parent: int) -> None:
+    """A local worker's watch on the process that started it: a driver killed without closing its pool (SIGTERM
+    from a scheduler, SIGKILL, the OOM killer) leaves no worker behind, holding memory, once it is gone."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class LocalExecutor(Executor):
     """A pool of ``workers`` local processes (default: every core); started on first use, kept until close()."""
 
@@ -100,7 +112,8 @@ class LocalExecutor(Executor):
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers,
-                                             mp_context=multiprocessing.get_context(self.start_method))
+                                             mp_context=multiprocessing.get_context(self.start_method),
+                                             initializer=exit_with_parent, initargs=(os.getpid(),))
         return self._pool
 
     def imap_unordered(self, fn, units, max_in_flight=None):

@@ -104,13 +104,23 @@ def resume_summary(finished: int, layers: int) -> str:
     return f"resuming from layer {finished + 1} of {layers} ({done})"
 
 
-def work_summary(work: dict[str, int], sample: int, candidates: int, layers: int) -> str:
+def work_summary(work: dict[str, int], sample: int, candidates: tuple[int, int], layers: int) -> str:
     """The run's work in tokens through the layers (the time estimate's cost model), said before it starts: ``work``
     one layer's tokens per kind of pass (LayerQuantizer.planned_work), ``sample`` the OS+ search's token sample,
-    ``candidates`` the OS+ candidates of a layer."""
-    each = f"{work['statistics']:,} tokens through the statistics pass and " if work["statistics"] else ""
-    each += f"{work['layer']:,} {'' if each else 'tokens '}through the whole layer (float and quantized passes"
-    each += f", {candidates} OS+ candidates on a {sample:,}-token sample)" if candidates else ")"
+    ``candidates`` the OS+ candidates of a layer (inside the attention, elsewhere)."""
+    inside, elsewhere = candidates
+    on = f"on a {sample:,}-token sample"
+    parts, whole = [], []
+    if work["statistics"]:
+        attention = "statistics pass" + (f", {inside} OS+ candidates {on}" if inside else "")
+        parts.append(f"{work['statistics']:,} tokens through the attention ({attention})")
+    elif inside:
+        whole.append(f"{inside} OS+ candidates in the attention {on}")
+    if elsewhere:
+        whole.append(f"{elsewhere} OS+ candidates {on}")
+    parts.append(f"{work['layer']:,} {'' if parts else 'tokens '}through the whole layer ("
+                 + ", ".join(["float and quantized passes", *whole]) + ")")
+    each = " and ".join(parts)
     return f"work: {layers} layer{'s' if layers > 1 else ''}, each {each}; a time estimate follows"
 
 

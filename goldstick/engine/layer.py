@@ -265,6 +265,10 @@ class LayerQuantizer:
     # ---- transforms and quantization ---------------------------------------------------------
     def quantize(self, float_outputs: list[np.ndarray]) -> None:
         options = self.recipe.options
+        # the float MLP inputs on the token sample (before any cell changes): the targets of an OS+ search inside
+        # the attention
+        attention_targets = self._mlp_inputs(*self.sample) if any(
+            self._in_attention(members) for members in self._osplus_searches()) else None
         static_groups, explicit = self._static_groups()
         dynamic_groups = self._dynamic_smoothing_groups()
         smoothed = {m for _, members in dynamic_groups for m in members}
@@ -280,8 +284,9 @@ class LayerQuantizer:
         # independent of calibration and of each other (the experts): one unit each, on the executor if any
         done = quantize_weights([f"{n}.weight" for n in weight_quant], self.source, self.weight, self.executor,
                                 options.weight_rounding)
-        for name, result in zip(weight_quant, done):
-            self._set_weight_quant(name, self.entries[name].scheme.name, result)
+        for k, name in enumerate(weight_quant):
+            self._set_weight_quant(name, self.entries[name].scheme.name, done[k])
+            done[k] = None  # the cell holds its own copy: R1's experts are 11.3 GB of int8 per layer
         # dynamic linears with SmoothQuant: one scale per norm, folded into it (the plan refused the rest)
         for norm, members in dynamic_groups:
             transform = self._initial_transform(members, "smoothquant", norm)
@@ -307,7 +312,8 @@ class LayerQuantizer:
             else:
                 sample = (*self.sample, [t[: len(ids)] for t, (ids, *_) in zip(float_outputs, self.sample[0])])
             for members, norm in search_jobs:
-                self._search_osplus(members, norm, sample, options.osplus_grid)
+                target = attention_targets if self._in_attention(members) else sample[2]
+                self._search_osplus(members, norm, (*self.sample, target), options.osplus_grid)
             self.feedback.end_phase()
         for name, norm in self.norms.items():
             if name not in {t.folded_into for t in self.transforms.values()}:
@@ -502,20 +508,40 @@ class LayerQuantizer:
 
     def planned_work(self) -> dict[str, int]:
         """Tokens this layer passes through, per kind of pass (Feedback's, the time estimate's cost model):
-        ``statistics`` the statistics pass over every calibration token (attention-only float pass), ``layer`` the
-        whole layer: the float pass, each OS+ candidate on the token sample, the quantized pass."""
+        ``statistics`` the statistics pass over every calibration token (attention-only float pass) and the OS+
+        candidates inside the attention (attention runs on the token sample), ``layer`` the whole layer: the float
+        pass, the other OS+ candidates on the token sample, the quantized pass. Without ``attention_only`` no
+        statistics pass times the attention: every candidate counts as a layer run (an over-estimate)."""
         tokens, sample = token_count(self.batches), token_count(self.sample[0])
-        candidates = self.osplus_candidates() * sample
+        attention, candidates = (n * sample for n in self.osplus_candidates())
         if self.attention_only:
-            return {"statistics": tokens, "layer": sample + candidates + sample + tokens}
-        return {"statistics": 0, "layer": tokens + candidates + tokens}
+            return {"statistics": tokens + attention, "layer": sample + candidates + sample + tokens}
+        return {"statistics": 0, "layer": tokens + attention + candidates + tokens}
 
-    def osplus_candidates(self) -> int:
-        """How many candidates the OS+ search tries in this layer (each one a layer run on the token sample)."""
+    def osplus_candidates(self) -> tuple[int, int]:
+        """How many candidates the OS+ searches of this layer try: (inside the attention, each an attention run on
+        the token sample; elsewhere, each a layer run on it)."""
+        searches = self._osplus_searches()
+        inside = sum(map(self._in_attention, searches))
+        return inside * self.recipe.options.osplus_grid, (len(searches) - inside) * self.recipe.options.osplus_grid
+
+    def _osplus_searches(self) -> list[list[str]]:
+        """The members of each OS+ search of this layer, in search order."""
         folded, explicit = self._static_groups()
-        searches = sum(method == "osplus" for *_, method in folded)
-        searches += sum(self.entries[n].scheme.outlier_suppression == "osplus" for n in explicit)
-        return searches * self.recipe.options.osplus_grid
+        return [members for _, members, method in folded if method == "osplus"] + \
+            [[n] for n in explicit if self.entries[n].scheme.outlier_suppression == "osplus"]
+
+    def _in_attention(self, members: list[str]) -> bool:
+        """Whether an OS+ search's linears are all in the attention: its loss is then the error of the MLP's input
+        (the rest of the layer sees them only through it, token by token normalized; no candidate runs the MLP,
+        which at R1's width is most of the layer), else the layer output's."""
+        return all(m.startswith(self.prefix + "self_attn.") for m in members)
+
+    def _mlp_inputs(self, batches: list, hidden: list) -> list[np.ndarray]:
+        """What the MLP receives, post_attention_layernorm(h + attn(input_layernorm(h))), for each batch, as the
+        layer's cells are now."""
+        return [self.layer.post_attention_layernorm(self.layer.attend(float_tensor(h), *b[1:])).asnumpy()
+                for b, h in zip(batches, hidden)]
 
     def _sample(self) -> tuple[list, list]:
         """The bounded token sample (batches, inputs) the OS+ search runs on: whole sequences, about
@@ -537,12 +563,10 @@ class LayerQuantizer:
         shift = alg.osplus_shift(stats.minimum, stats.maximum)
         lo, hi = alg.osplus_shifted_range(stats.minimum, stats.maximum, shift)
 
-        moe = self.layer.mlp if self.routes else None
+        in_attention = self._in_attention(members)
+        moe = self.layer.mlp if self.routes and not in_attention else None
 
-        def layer_loss(_sample, z, s) -> float:
-            t = Transform(s, z, norm)
-            for m in members:
-                self._set_static(m, t)
+        def run_layer() -> list[np.ndarray]:
             replay = None
             if moe is not None:
                 # experts chosen as in the float pass: a token switching experts is an all-or-nothing jump in the
@@ -551,10 +575,16 @@ class LayerQuantizer:
                 replay = moe.gate.register_forward_hook(_replay_routing(np.concatenate([w for w, _ in kept]),
                                                                         np.concatenate([e for _, e in kept])))
             try:
-                outs = self.run(hidden, batches=batches)
+                return self.run(hidden, batches=batches)
             finally:
                 if replay is not None:
                     replay.remove()
+
+        def layer_loss(_sample, z, s) -> float:
+            t = Transform(s, z, norm)
+            for m in members:
+                self._set_static(m, t)
+            outs = self._mlp_inputs(batches, hidden) if in_attention else run_layer()
             self.feedback.advance(1, "candidate")
             return float(np.mean([np.mean((o - r) ** 2) for o, r in zip(outs, targets)]))
 
@@ -690,7 +720,8 @@ class LayerQuantizer:
             cell = self.linears.get(owner)
             if isinstance(cell, QuantLinearBase):
                 local = name.rsplit(".", 1)[1]
-                out[name] = value.astype(cell.storage.get(local, STORAGE_DTYPES[local]))
+                # the parameter's own memory where the dtype is already right (int8 weights: no second copy)
+                out[name] = value.astype(cell.storage.get(local, STORAGE_DTYPES[local]), copy=False)
                 labels[name] = cell.description
             elif name.endswith("e_score_correction_bias"):
                 out[name], labels[name] = value.astype(np.float32), "FLOAT"

@@ -381,8 +381,9 @@ def _assemble(out: Path, work: Path, reader: CheckpointReader, recipe: Recipe, p
     """
     cfg = reader.config
     remove_temporaries(out)  # an earlier, killed assembly may have left some
-    # the mindspore layout stores these tensors under their own names, as they are: written in row chunks
-    chunked = chunked_tensors(reader) if export_format == "mindspore" else frozenset()
+    # every layout but compressed-tensors (buffered shards) stores these under their own names, as they are:
+    # written in row chunks
+    chunked = chunked_tensors(reader) if export_format != COMPRESSED_TENSORS else frozenset()
     if export_format != COMPRESSED_TENSORS:
         # plan the shards from dtypes and shapes (ShardedWriter's cut, same bytes), then write each tensor into
         # place as it is read: memory is one layer's tensors, not a shard (Golden-Stick's cap: 4 GB)
@@ -439,21 +440,22 @@ def _add_checkpoint_tensors(writer, reader: CheckpointReader, work: Path, placeh
         meta = json.loads((work / f"layer-{i:05d}.json").read_text())
         reports.append(meta["report"])
         labels = meta["labels"]
-        owners: dict[str, dict] = {}
+        owners: dict[str, list[str]] = {}
         with safe_open(work / f"layer-{i:05d}.safetensors", framework="numpy") as f:
-            for name in sorted(f.keys()):
+            def stored(name):
                 if placeholders:
                     info = f.get_slice(name)
-                    array = value(None, STORED_DTYPES[info.get_dtype()], info.get_shape())
-                else:
-                    array = f.get_tensor(name)
+                    return value(None, STORED_DTYPES[info.get_dtype()], info.get_shape())
+                return f.get_tensor(name)
+            for name in sorted(f.keys()):
                 if labels[name] == "FLOAT":
-                    writer.add(name, "FLOAT", array)
+                    writer.add(name, "FLOAT", stored(name))
                 else:
                     owner, _, local = name.rpartition(".")
-                    owners.setdefault(owner, {})[local] = array
-        for owner, tensors in owners.items():
-            writer.add(owner, labels[f"{owner}.weight"], tensors)
+                    owners.setdefault(owner, []).append(local)
+            # one quantized linear's tensors read at a time (R1: a layer's experts are 11.3 GB of int8)
+            for owner, local_names in owners.items():
+                writer.add(owner, labels[f"{owner}.weight"], {n: stored(f"{owner}.{n}") for n in local_names})
     # MTP passes through unquantized, in bf16 like every float tensor (FP8 dequantized); the router's
     # e_score_correction_bias stays float32 as in the decoder layers
     for name in reader.mtp_tensor_names():

@@ -271,8 +271,9 @@ class Options:
                                  "int8 weight scale: absmax/127, or gs = absmax/127.5 (Golden-Stick-identical)")
     token_sample: int = _knob(1024, _int_at_least(1),
                               "tokens (whole calibration sequences, at least one) on which the OS+ search measures "
-                              "the layer-output error of each candidate; also the bounded MoE input sample that "
-                              "gives statistics to experts no calibration token reached")
+                              "the error of each candidate (linears inside the attention: at the MLP's input, "
+                              "after the post-attention norm; others: at the layer's output); also the bounded MoE "
+                              "input sample that gives statistics to experts no calibration token reached")
     osplus_grid: int = _knob(20, _int_at_least(1),
                              "OS+ tries N clipping thresholds t, evenly spaced from the largest shifted channel "
                              "range (shift only) down to the smallest; channel j is scaled by max(1, range_j / t)")
