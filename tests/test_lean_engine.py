@@ -21,13 +21,14 @@ import pytest
 from goldstick.engine import layer as engine_layer
 from goldstick.engine import pipeline
 from goldstick.engine.inputs import LayerTensors, batch_rows, prepare_batches
-from goldstick.engine.layer import LayerQuantizer, mlp_groups
+from goldstick.engine.layer import LayerQuantizer, mlp_groups, token_count
 from goldstick.io.checkpoint import CheckpointReader
 from goldstick.io.writer import PlacedShards, PlannedShardWriter, ShardedWriter
 from goldstick.model.runtime import setup_mindspore
 from goldstick.quant.recipe import load_recipe
 from goldstick.testing.make_model import default_model_path
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = dict(calib_samples=24, calib_seq_len=64, progress=False)  # 1536 tokens: more than the 1024-token sample
 
 
@@ -238,12 +239,14 @@ def _moe_layer_quantizer(recipe_name: str, lean: bool, batch_count: int = 3):
                           [embed[b[0]] for b in batches], lean=lean)
 
 
-def test_osplus_candidates_of_the_mla_linears_run_the_attention_only(monkeypatch):
-    """The MLA linears' OS+ candidates are scored on the error of the MLP's input (post-attention norm of the
-    attention half) against the float layer's on the token sample: no candidate runs the MLP, most of an R1 layer's
-    work. (On the embedded model this picks the same thresholds, and writes the same checkpoint, as scoring each
-    candidate on the whole layer's output.)"""
-    lq = _moe_layer_quantizer("deepseek-r1-w8a8-mixed", lean=True)
+def test_osplus_loss_at_the_mlp_input_runs_the_attention_only(tmp_path, monkeypatch):
+    """``osplus_loss: mlp-input``: the MLA linears' OS+ candidates are scored on the error of the MLP's input
+    (post-attention norm of the attention half) against the float layer's on the token sample: no candidate runs
+    the MLP, most of an R1 layer's work."""
+    recipe = tmp_path / "mixed-mlp-input.yaml"
+    recipe.write_text((REPO / "recipes" / "deepseek-r1-w8a8-mixed.yaml").read_text()
+                      .replace("  osplus_loss: layer", "  osplus_loss: mlp-input"))
+    lq = _moe_layer_quantizer(str(recipe), lean=True)
     float_outputs = lq.observe(False)
     float_branch = lq._mlp_inputs(*lq.sample)
     mlp_runs, searches = [], []
@@ -268,14 +271,23 @@ def test_osplus_candidates_of_the_mla_linears_run_the_attention_only(monkeypatch
         assert best == recorded == pytest.approx(branch_error, rel=1e-6) and best > 0
 
 
-def test_osplus_candidates_outside_the_attention_run_the_whole_layer(tmp_path, monkeypatch):
+def test_osplus_candidates_run_the_whole_layer_by_default():
+    """The shipped mixed recipe scores every OS+ candidate on the layer's output (``osplus_loss: layer``)."""
+    lq = _moe_layer_quantizer("deepseek-r1-w8a8-mixed", lean=True)
+    assert lq.recipe.options.osplus_loss == "layer"
+    assert lq.osplus_candidates() == (0, 3 * lq.recipe.options.osplus_grid)  # q_a + kv_a, q_b, o_proj
+    assert lq.planned_work()["statistics"] == token_count(lq.batches)  # the statistics pass only
+
+
+@pytest.mark.parametrize("loss", ["layer", "mlp-input"])
+def test_osplus_candidates_scored_at_the_layer_output_run_the_whole_layer(loss, tmp_path, monkeypatch):
     """A static OS+ linear outside the attention (the shared expert's gate/up, fed by the post-attention norm) is
-    scored on the layer's output: each candidate runs the whole layer, the MLP-input shortcut never."""
+    scored on the layer's output whatever ``osplus_loss`` says: each candidate runs the whole layer."""
     recipe = tmp_path / "shared-osplus.yaml"
     recipe.write_text("name: shared-osplus\ndefault: float\nrules:\n"
                       "  - match: '.*\\.mlp\\.shared_experts\\.(gate_proj|up_proj)'\n"
                       "    scheme: w8a8-static\n    outlier_suppression: osplus\n"
-                      "options:\n  osplus_grid: 3\n")
+                      f"options:\n  osplus_grid: 3\n  osplus_loss: {loss}\n")
     lq = _moe_layer_quantizer(str(recipe), lean=True)
     # two searches of their own (the norm also feeds the routed experts: nothing folds into it)
     assert not lq.attention_only and lq.osplus_candidates() == (0, 6)

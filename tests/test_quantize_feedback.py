@@ -34,8 +34,8 @@ def test_a_run_says_its_calibration_work_and_estimate_and_shows_progress_inside_
             f"{DEFAULT_DATA} (the default), seed 0") in err
     # the work (tokens per layer, OS+ candidates) before the first layer computes, then the measured estimate
     work = next(line for line in err.splitlines() if "work: 4 layers, each " in line)
-    # OS+ candidates of the MLA linears run the attention only
-    assert "15,616 tokens through the attention (statistics pass, 60 OS+ candidates on a 256-token sample)" in work
+    assert "256 tokens through the attention (statistics pass)" in work
+    assert "through the whole layer (float and quantized passes, 60 OS+ candidates on a 256-token sample)" in work
     assert err.index("work: 4 layers") < err.index("statistics pass:")  # said before the first pass ran
     # measured on the first layer of each kind: dense layer 0 (the MoE layers counted as dense), then MoE layer 1
     dense, moe = [line for line in err.splitlines() if line.startswith("estimate: about ")]

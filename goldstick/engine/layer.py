@@ -265,10 +265,10 @@ class LayerQuantizer:
     # ---- transforms and quantization ---------------------------------------------------------
     def quantize(self, float_outputs: list[np.ndarray]) -> None:
         options = self.recipe.options
-        # the float MLP inputs on the token sample (before any cell changes): the targets of an OS+ search inside
-        # the attention
-        attention_targets = self._mlp_inputs(*self.sample) if any(
-            self._in_attention(members) for members in self._osplus_searches()) else None
+        # the float MLP inputs on the token sample (before any cell changes): the targets of an OS+ search scored
+        # there
+        mlp_input_targets = self._mlp_inputs(*self.sample) if any(
+            self._scored_at_mlp_input(members) for members in self._osplus_searches()) else None
         static_groups, explicit = self._static_groups()
         dynamic_groups = self._dynamic_smoothing_groups()
         smoothed = {m for _, members in dynamic_groups for m in members}
@@ -312,7 +312,7 @@ class LayerQuantizer:
             else:
                 sample = (*self.sample, [t[: len(ids)] for t, (ids, *_) in zip(float_outputs, self.sample[0])])
             for members, norm in search_jobs:
-                target = attention_targets if self._in_attention(members) else sample[2]
+                target = mlp_input_targets if self._scored_at_mlp_input(members) else sample[2]
                 self._search_osplus(members, norm, (*self.sample, target), options.osplus_grid)
             self.feedback.end_phase()
         for name, norm in self.norms.items():
@@ -509,8 +509,8 @@ class LayerQuantizer:
     def planned_work(self) -> dict[str, int]:
         """Tokens this layer passes through, per kind of pass (Feedback's, the time estimate's cost model):
         ``statistics`` the statistics pass over every calibration token (attention-only float pass) and the OS+
-        candidates inside the attention (attention runs on the token sample), ``layer`` the whole layer: the float
-        pass, the other OS+ candidates on the token sample, the quantized pass. Without ``attention_only`` no
+        candidates scored at the MLP's input (attention runs on the token sample), ``layer`` the whole layer: the
+        float pass, the other OS+ candidates on the token sample, the quantized pass. Without ``attention_only`` no
         statistics pass times the attention: every candidate counts as a layer run (an over-estimate)."""
         tokens, sample = token_count(self.batches), token_count(self.sample[0])
         attention, candidates = (n * sample for n in self.osplus_candidates())
@@ -519,10 +519,10 @@ class LayerQuantizer:
         return {"statistics": 0, "layer": tokens + attention + candidates + tokens}
 
     def osplus_candidates(self) -> tuple[int, int]:
-        """How many candidates the OS+ searches of this layer try: (inside the attention, each an attention run on
-        the token sample; elsewhere, each a layer run on it)."""
+        """How many candidates the OS+ searches of this layer try: (scored at the MLP's input, each an attention run
+        on the token sample; scored at the layer's output, each a layer run on it)."""
         searches = self._osplus_searches()
-        inside = sum(map(self._in_attention, searches))
+        inside = sum(map(self._scored_at_mlp_input, searches))
         return inside * self.recipe.options.osplus_grid, (len(searches) - inside) * self.recipe.options.osplus_grid
 
     def _osplus_searches(self) -> list[list[str]]:
@@ -531,11 +531,12 @@ class LayerQuantizer:
         return [members for _, members, method in folded if method == "osplus"] + \
             [[n] for n in explicit if self.entries[n].scheme.outlier_suppression == "osplus"]
 
-    def _in_attention(self, members: list[str]) -> bool:
-        """Whether an OS+ search's linears are all in the attention: its loss is then the error of the MLP's input
-        (the rest of the layer sees them only through it, token by token normalized; no candidate runs the MLP,
-        which at R1's width is most of the layer), else the layer output's."""
-        return all(m.startswith(self.prefix + "self_attn.") for m in members)
+    def _scored_at_mlp_input(self, members: list[str]) -> bool:
+        """Whether an OS+ search's loss is the error of the MLP's input (recipe option ``osplus_loss: mlp-input``,
+        for a search whose linears are all in the attention: the rest of the layer sees them only through it; no
+        candidate runs the MLP, most of an R1 layer's work), else the layer output's."""
+        return self.recipe.options.osplus_loss == "mlp-input" and all(
+            m.startswith(self.prefix + "self_attn.") for m in members)
 
     def _mlp_inputs(self, batches: list, hidden: list) -> list[np.ndarray]:
         """What the MLP receives, post_attention_layernorm(h + attn(input_layernorm(h))), for each batch, as the
@@ -563,8 +564,8 @@ class LayerQuantizer:
         shift = alg.osplus_shift(stats.minimum, stats.maximum)
         lo, hi = alg.osplus_shifted_range(stats.minimum, stats.maximum, shift)
 
-        in_attention = self._in_attention(members)
-        moe = self.layer.mlp if self.routes and not in_attention else None
+        at_mlp_input = self._scored_at_mlp_input(members)
+        moe = self.layer.mlp if self.routes and not at_mlp_input else None
 
         def run_layer() -> list[np.ndarray]:
             replay = None
@@ -584,7 +585,10 @@ class LayerQuantizer:
             t = Transform(s, z, norm)
             for m in members:
                 self._set_static(m, t)
-            outs = self._mlp_inputs(batches, hidden) if in_attention else run_layer()
+            # the candidate before's cells (replaced cells can sit in reference cycles: hooks) and the heap they
+            # used go back now, not at the collector's whim (R1's o_proj: 117 MB of int8 a candidate)
+            release_memory()
+            outs = self._mlp_inputs(batches, hidden) if at_mlp_input else run_layer()
             self.feedback.advance(1, "candidate")
             return float(np.mean([np.mean((o - r) ** 2) for o, r in zip(outs, targets)]))
 

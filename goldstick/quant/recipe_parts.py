@@ -271,12 +271,16 @@ class Options:
                                  "int8 weight scale: absmax/127, or gs = absmax/127.5 (Golden-Stick-identical)")
     token_sample: int = _knob(1024, _int_at_least(1),
                               "tokens (whole calibration sequences, at least one) on which the OS+ search measures "
-                              "the error of each candidate (linears inside the attention: at the MLP's input, "
-                              "after the post-attention norm; others: at the layer's output); also the bounded MoE "
-                              "input sample that gives statistics to experts no calibration token reached")
+                              "the error of each candidate (see osplus_loss); also the bounded MoE input sample "
+                              "that gives statistics to experts no calibration token reached")
     osplus_grid: int = _knob(20, _int_at_least(1),
                              "OS+ tries N clipping thresholds t, evenly spaced from the largest shifted channel "
                              "range (shift only) down to the smallest; channel j is scaled by max(1, range_j / t)")
+    osplus_loss: str = _knob("layer", _one_of("layer", "mlp-input"),
+                             "where an OS+ candidate's error is measured: the layer's output (each candidate runs "
+                             "the whole layer), or, for linears inside the attention, what the MLP receives (the "
+                             "post-attention norm of the attention half: each candidate runs the attention only, "
+                             "several times cheaper at R1's width; ~0.1 dB lower logits SQNR on the embedded model)")
     smoothquant_alpha: float = _knob(0.5, _fraction, "SmoothQuant alpha for rules that do not set one")
 
     def __post_init__(self) -> None:
