@@ -280,7 +280,8 @@ class Options:
                              "where an OS+ candidate's error is measured: the layer's output (each candidate runs "
                              "the whole layer), or, for linears inside the attention, what the MLP receives (the "
                              "post-attention norm of the attention half: each candidate runs the attention only, "
-                             "no expert per candidate at R1's width; 0.10-0.15 dB lower logits SQNR on the embedded model)")
+                             "no expert per candidate at R1's width; 0.10-0.15 dB lower logits SQNR on the "
+                             "embedded model)")
     smoothquant_alpha: float = _knob(0.5, _fraction, "SmoothQuant alpha for rules that do not set one")
 
     def __post_init__(self) -> None:
