@@ -155,6 +155,15 @@ class Phases:
         if self.layer >= 0 and self.layer not in self.walls:
             self.walls[self.layer] = time.perf_counter() - self.started
             self.peaks[self.layer] = vm_hwm()
+            # as each layer ends, so that a run that dies later (disk full, killed) keeps its finished layers
+            print(json.dumps({"layer": self.layer, **self.figures(self.layer)}), file=sys.stderr, flush=True)
+
+    def figures(self, index: int) -> dict:
+        """Wall time, peak RSS and the exclusive split of a finished layer."""
+        wall, times = self.walls[index], self.times[index]
+        split = {k: round(v, 1) for k, v in times.items()}
+        split["other"] = round(wall - sum(v for k, v in times.items() if k != "other"), 1)
+        return {"seconds": round(wall, 1), "peak_rss_gb": round(self.peaks[index] / 1e9, 2), "split": split}
 
 
 def layer_path(model: Path, out: Path, samples: int, seq_len: int, grid: int | None) -> dict:
@@ -194,11 +203,8 @@ def layer_path(model: Path, out: Path, samples: int, seq_len: int, grid: int | N
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
     result = {"seconds": round(total, 1), "peak_rss_gb": round(peak / 1e9, 2),
               "peak_tree_rss_gb": round(tree.stop() / 1e9, 2), "layers": {}}
-    for index, wall in phases.walls.items():
-        split = {k: round(v, 1) for k, v in phases.times[index].items()}
-        split["other"] = round(wall - sum(v for k, v in phases.times[index].items() if k != "other"), 1)
-        result["layers"][index] = {"seconds": round(wall, 1), "peak_rss_gb": round(phases.peaks[index] / 1e9, 2),
-                                   "split": split}
+    for index in phases.walls:
+        result["layers"][index] = phases.figures(index)
     result["osplus_grid"] = recipe.options.osplus_grid
     return result
 
